@@ -1,0 +1,111 @@
+"""Run a recipe's Hydra entry point and turn every user error into one line and exit code 2.
+
+Hydra normally prints a multi-line message and exits 1. With HYDRA_FULL_ERROR=1 it re-raises
+instead, so the exception reaches us here: composition errors (unknown key, wrong type, unknown
+group option, missing value) and our own UsageError become `ftk: error: ...`; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import List, Optional
+
+from ftk.errors import NumericError, Preempted, UsageError
+
+
+def schema_keys(schema: type, dotted: str) -> Optional[List[str]]:
+    """Valid keys at the parent of `dotted` in a dataclass schema, or None when unknown."""
+    node = schema
+    for part in dotted.split(".")[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return None
+        f = fields[part]
+        node = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.type  # type: ignore[misc]
+        node = type(node) if not isinstance(node, type) else node
+    if not dataclasses.is_dataclass(node):
+        return None
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def one_line(exc: BaseException, schema: Optional[type]) -> str:
+    """The shortest message that names the bad key or option and what would be valid."""
+    text = str(exc).strip()
+    # Unknown group option: "Could not find 'model/gpt-tin'\n\nAvailable options in 'model':\n\ta\n\tb\nConfig..."
+    found = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if found:
+        group, option = found.groups()
+        listed = text.split("Available options", 1)[1].split("Config search path", 1)[0] if (
+            "Available options" in text) else ""
+        options = [o for o in re.findall(r"^\t(\S+)$", listed, flags=re.M) if o != "schema"]
+        choices = f"; choose one of: {', '.join(options)}" if options else ""
+        return f"unknown option '{option}' for {group}{choices}"
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    detail = str(cause).strip()
+    full_key = re.search(r"full_key:\s*(\S+)", detail)
+    key = full_key.group(1) if full_key else None
+    first = detail.splitlines()[0] if detail else type(cause).__name__
+    if key and ("not in" in first or "not in struct" in detail):
+        valid = schema_keys(schema, key) if schema else None
+        hint = f"; valid keys here: {', '.join(valid)}" if valid else ""
+        return f"unknown config key '{key}'{hint}"
+    if key and "Missing mandatory value" in detail:
+        return f"{key} is required: pass {key}=..."
+    if key:
+        return f"{key}: {first}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def refuse_finished_run(overrides: List[str]) -> Optional[str]:
+    """Hydra rewrites <run>/.hydra/ before a recipe can look, so a finished run named by
+    hydra.run.dir is refused here, before anything in it is touched."""
+    if any(o in ("-m", "--multirun") for o in overrides):
+        return None
+    given = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("-"))
+    run_dir = given.get("hydra.run.dir")
+    if not run_dir or given.get("train.resume", "never") != "never":
+        return None
+    path = Path(run_dir).expanduser()
+    if (path / "final").is_dir() and (path / "summary.json").is_file():
+        return (f"{run_dir} holds a finished run; pick a new hydra.run.dir, or continue it with "
+                "train.resume=auto")
+    return None
+
+
+def run_recipe(recipe: ModuleType, name: str, overrides: List[str]) -> int:
+    refusal = refuse_finished_run(overrides)
+    if refusal:
+        print(f"ftk {name}: error: {refusal}", file=sys.stderr)
+        return UsageError.exit_code
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # re-raise so that we, not Hydra, decide what the user sees
+    saved_argv = sys.argv
+    sys.argv = [f"ftk {name}"] + overrides
+    try:
+        recipe.main()
+    except (UsageError, NumericError, Preempted) as exc:
+        print(f"ftk {name}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (HydraException, OmegaConfBaseException) as exc:
+        print(f"ftk {name}: error: {one_line(exc, getattr(recipe, 'SCHEMA', None))}", file=sys.stderr)
+        return UsageError.exit_code
+    except SystemExit as exc:  # hydra's own --help / --info exit through here
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    finally:
+        sys.argv = saved_argv
+        _reset_hydra()
+    return 0
+
+
+def _reset_hydra() -> None:
+    """Let the same process run another recipe (tests call main() many times)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()

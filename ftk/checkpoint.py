@@ -1,0 +1,131 @@
+"""Atomic, resumable checkpoints.
+
+A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only
+when every file is on disk, so a kill at any moment leaves the previous checkpoint intact; older
+ones are pruned only after that rename. No RNG state is stored: the loop reseeds every step from
+(seed, step, rank), so dropout and masking after a resume match the uninterrupted run. Layout:
+
+    step-000200/model/            Hugging Face format (or a PEFT adapter) + tokenizer: plain transformers loads it
+    step-000200/optimizer.pt      optimizer state (loaded with torch.load(weights_only=True))
+    step-000200/scheduler.pt      scheduler and grad-scaler state
+    step-000200/trainer_state.json  step, data-stream position, tokens seen, elapsed time (written last)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ftk.errors import UsageError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    step: int = 0             # optimizer steps completed
+    samples: int = 0          # position in the block stream (global samples consumed)
+    tokens: int = 0           # tokens fed to the model
+    elapsed: float = 0.0      # training wall time, summed over resumes
+    skipped_batches: int = 0  # batches dropped for a non-finite loss
+    best_eval_loss: Optional[float] = None
+    extra: Dict[str, Any] = field(default_factory=dict)  # regime/recipe state (e.g. unfrozen groups)
+
+
+def step_dirs(checkpoints: Path) -> List[Path]:
+    """Complete checkpoints, oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.iterdir() if STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest(checkpoints: Path) -> Optional[Path]:
+    dirs = step_dirs(checkpoints)
+    return dirs[-1] if dirs else None
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(checkpoints: Path, state: TrainState, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
+         scaler: Any, keep_last: int, extra_files: Optional[Dict[str, Any]] = None) -> Path:
+    """Write a complete checkpoint atomically and prune older ones; returns its directory."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    final = checkpoints / f"step-{state.step:07d}"
+    tmp = checkpoints / f".tmp-step-{state.step:07d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "model")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "scheduler.pt")
+        for name, obj in (extra_files or {}).items():
+            torch.save(obj, tmp / name)
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # a stale copy of the same step (e.g. re-saved after resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"could not write checkpoint {final}: {exc.strerror or exc}; free disk space and "
+                         "resume with train.resume=auto (the previous checkpoint is intact)") from None
+    for old in step_dirs(checkpoints)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+def load_tensors(path: Path) -> Any:
+    """Only tensors and plain containers: never unpickle arbitrary objects from disk."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    """Load a checkpoint's safetensors weights into an already-built model (full model or PEFT adapter)."""
+    from safetensors.torch import load_file
+
+    adapter = model_dir / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(adapter)))
+        return
+    files = sorted(model_dir.glob("model*.safetensors"))
+    if not files:
+        raise UsageError(f"{model_dir} holds no model.safetensors; the checkpoint is incomplete")
+    weights: Dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise UsageError(f"checkpoint {model_dir} does not match the model: unexpected {unexpected[:3]}")
+    # save_pretrained drops tied copies (e.g. lm_head = embeddings); anything else missing is a mismatch.
+    pointers = {t.data_ptr() for k, t in model.state_dict().items() if k in weights}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in pointers]
+    if untied:
+        raise UsageError(f"checkpoint {model_dir} does not match the model: missing {untied[:3]}")

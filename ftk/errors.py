@@ -1,0 +1,29 @@
+"""User-facing errors: one line that names the problem and the fix, exit code 2.
+
+Recipes raise `UsageError` for anything the user can correct (bad config, bad data, bad paths);
+the CLI prints it as one line and exits 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2        # bad input: config, data, paths
+EXIT_PREEMPTED = 75   # stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: "try again")
+EXIT_NUMERIC = 3      # non-finite loss and the run was configured to stop
+
+
+class UsageError(Exception):
+    """Something the user passed is wrong; the message says what and how to fix it."""
+
+    exit_code = EXIT_USAGE
+
+
+class NumericError(Exception):
+    """Training produced a non-finite loss; the message names the step and a hint."""
+
+    exit_code = EXIT_NUMERIC
+
+
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM/SIGINT) and saved a checkpoint first."""
+
+    exit_code = EXIT_PREEMPTED

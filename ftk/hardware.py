@@ -1,0 +1,91 @@
+"""Turn a hardware profile (which may say `auto`) into concrete choices for this machine and launch.
+
+Everything here is decided once, before the model is built, and recorded in the run summary:
+device, precision, world size, micro-batch and gradient accumulation, optimizer, torch.compile.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from ftk.errors import UsageError
+from ftk.schemas import Device, Optimizer, Precision, Strategy
+
+# Runs shorter than this many optimizer steps do not recover torch.compile's start-up cost.
+COMPILE_MIN_STEPS = 300
+
+
+@dataclass
+class Plan:
+    device: str             # "cpu" | "cuda"
+    precision: str          # "fp32" | "bf16" | "fp16"
+    world_size: int
+    micro_batch_size: int   # sequences per forward per process
+    grad_accum: int         # forwards per optimizer step per process
+    optimizer: str          # "adamw" | "adamw_fused" | "adamw_8bit"
+    compile: bool
+    strategy: str           # "none" | "ddp" | "fsdp"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def cpu_has_bf16() -> bool:
+    import torch
+
+    try:  # AVX-512 BF16 or AMX make bf16 matmuls faster than fp32; without them bf16 is emulated and slower
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def resolve(hw: Any, batch_size: int, max_steps: int) -> Plan:
+    import torch
+
+    device = Device(hw.device)
+    if device is Device.auto:
+        device = Device.cuda if torch.cuda.is_available() else Device.cpu
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise UsageError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu or hardware=auto")
+    precision = Precision(hw.precision)
+    if precision is Precision.auto:
+        if device is Device.cuda:
+            precision = Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
+        else:
+            precision = Precision.bf16 if cpu_has_bf16() else Precision.fp32
+    if precision is Precision.fp16 and device is Device.cpu:
+        raise UsageError("hardware.precision=fp16 needs a CUDA device; on a CPU use bf16 or fp32")
+
+    world = world_size()
+    if batch_size % world:
+        raise UsageError(f"train.batch_size={batch_size} is not divisible by the {world} processes; "
+                         f"use a multiple of {world}")
+    per_process = batch_size // world
+    micro = min(hw.micro_batch_size or per_process, per_process)
+    if per_process % micro:
+        raise UsageError(f"hardware.micro_batch_size={micro} does not divide the per-process batch {per_process} "
+                         f"(train.batch_size={batch_size} over {world} processes); pick a divisor")
+
+    optimizer = Optimizer(hw.optimizer)
+    if optimizer is Optimizer.auto:
+        optimizer = Optimizer.adamw_fused  # torch's fused AdamW runs on CPU and CUDA alike
+    compile_ = hw.compile if hw.compile is not None else (device is Device.cuda and max_steps >= COMPILE_MIN_STEPS)
+
+    strategy = Strategy(hw.strategy)
+    if strategy is Strategy.auto:
+        strategy = Strategy.ddp if world > 1 else Strategy.none
+    return Plan(device.value, precision.value, world, micro, per_process // micro, optimizer.value,
+                bool(compile_), strategy.value)
+
+
+def set_threads(num_threads: Optional[int]) -> None:
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(num_threads)

@@ -1,0 +1,94 @@
+"""Language-model steps shared by pretraining and continued pretraining: text, tokenizer, blocks, model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional, Tuple
+
+from ftk.data import lm
+from ftk.errors import UsageError
+from ftk.schemas import Family, Objective
+
+Say = Callable[[str], None]
+
+
+def load_text(cfg: Any, say: Say) -> lm.TextSplits:
+    splits = lm.load_splits(cfg.data, cfg.train.seed)
+    held = "given" if cfg.data.validation_path or cfg.data.validation_split else "held out"
+    say(f"data: {splits.description}: {len(splits.train):,} training documents, "
+        f"{len(splits.validation or []):,} validation documents ({held})")
+    return splits
+
+
+def tokenizer_for(cfg: Any, splits: lm.TextSplits, resume_from: Optional[Path], say: Say) -> Tuple[Any, str]:
+    """The run's tokenizer and its fingerprint: the checkpoint's, a given one, or one trained (and cached)."""
+    from ftk.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+
+    m = cfg.model
+    if resume_from is not None:
+        tok = load_tokenizer(str(resume_from / "model"))
+    elif m.tokenizer or m.name_or_path:
+        tok = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+        say(f"tokenizer: {m.tokenizer or m.name_or_path} ({len(tok):,} tokens)")
+    else:
+        key = hashlib.sha256(json.dumps({"data": splits.fingerprint, "family": Family(m.family).value,
+                                         "vocab": m.vocab_size, "max_len": m.max_position_embeddings,
+                                         "v": 1}).encode()).hexdigest()[:32]
+        cached = lm.cache_root(cfg.data.cache_dir) / "tokenizers" / key
+        if (cached / "tokenizer.json").is_file():
+            tok = load_tokenizer(str(cached))
+            say(f"tokenizer: cached {Family(m.family).value} tokenizer ({len(tok):,} tokens) from {cached}")
+        else:
+            tok = train_tokenizer(splits.train, Family(m.family), m.vocab_size, m.max_position_embeddings)
+            tmp = cached.with_name(cached.name + ".tmp")
+            tok.save_pretrained(tmp)
+            try:
+                tmp.replace(cached)
+            except OSError:  # another process cached the same tokenizer first
+                shutil.rmtree(tmp, ignore_errors=True)
+            say(f"tokenizer: trained a {Family(m.family).value} tokenizer of {len(tok):,} tokens on the "
+                "training text")
+    return tok, tokenizer_fingerprint(tok)
+
+
+def pack(cfg: Any, splits: lm.TextSplits, tokenizer: Any, tokenizer_fp: str, say: Say) -> lm.PackedData:
+    packed = lm.packed_blocks(splits, tokenizer, cfg.train.seq_len, Objective(cfg.objective.name).value,
+                              cfg.data.cache_dir, tokenizer_fp)
+    n_tokens = packed.train.size
+    say(f"blocks: {len(packed.train):,} training x {cfg.train.seq_len} tokens ({n_tokens:,} tokens), "
+        f"{len(packed.validation):,} validation" + (" (from cache)" if packed.cache_hit else ""))
+    return packed
+
+
+def model_for(cfg: Any, tokenizer: Any, resume_from: Optional[Path], say: Say) -> Any:
+    """A new model of the configured shape, or the pretrained one; checked against tokenizer and seq_len."""
+    from ftk.models import build_model, load_model
+
+    m, objective = cfg.model, Objective(cfg.objective.name)
+    if m.name_or_path:
+        model = load_model(m.name_or_path, objective, attn_implementation=m.attn_implementation,
+                           trust_remote_code=m.trust_remote_code)
+    else:
+        model = build_model(m, objective, tokenizer)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if model.config.model_type == "roberta" and positions:
+        positions -= 2  # RoBERTa reserves two positions for the padding offset
+    if positions and cfg.train.seq_len > positions:
+        raise UsageError(f"train.seq_len={cfg.train.seq_len} is larger than the model's {positions} positions; "
+                         f"use train.seq_len<={positions}")
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise UsageError(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding has {vocab:,}: "
+                         "they do not belong together; pass the model's own tokenizer (model.tokenizer=...)")
+    if cfg.hardware.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def objective_for(cfg: Any, tokenizer: Any) -> Any:
+    from ftk.objectives import get_objective
+
+    return get_objective(cfg.objective, tokenizer)

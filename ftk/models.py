@@ -1,0 +1,128 @@
+"""Build a transformers model from a config group, or load a pretrained one. ftk writes no model code.
+
+`build_config` maps ftk's family-neutral shape (hidden_size, num_layers, ...) onto each family's own
+transformers config class; `build_model` and `load_model` return transformers' own classes, so what
+ftk saves is what plain `AutoModelFor*.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from ftk.errors import UsageError
+from ftk.schemas import Family, Objective
+
+DECODER_FAMILIES = {Family.gpt2, Family.llama}
+ENCODER_FAMILIES = {Family.bert, Family.roberta}
+
+
+def build_config(m: Any, tokenizer: Any):
+    """A transformers config for a model built from scratch, sized to the tokenizer actually trained."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig
+
+    vocab = len(tokenizer)
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    family = Family(m.family)
+    inner = m.intermediate_size or 4 * m.hidden_size
+    if family is Family.gpt2:
+        return GPT2Config(
+            vocab_size=vocab, n_embd=m.hidden_size, n_layer=m.num_layers, n_head=m.num_heads,
+            n_inner=inner, n_positions=m.max_position_embeddings, resid_pdrop=m.dropout,
+            embd_pdrop=m.dropout, attn_pdrop=m.dropout, tie_word_embeddings=m.tie_word_embeddings, **special)
+    if family is Family.llama:
+        return LlamaConfig(
+            vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads or m.num_heads,
+            intermediate_size=m.intermediate_size or _swiglu_width(m.hidden_size),
+            max_position_embeddings=m.max_position_embeddings, attention_dropout=m.dropout,
+            tie_word_embeddings=m.tie_word_embeddings, **special)
+    cls = BertConfig if family is Family.bert else RobertaConfig
+    extra = {} if family is Family.bert else {"type_vocab_size": 1}
+    positions = m.max_position_embeddings + (0 if family is Family.bert else 2)  # RoBERTa offsets by pad+1
+    return cls(
+        vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, intermediate_size=inner, max_position_embeddings=positions,
+        hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout,
+        tie_word_embeddings=m.tie_word_embeddings, **special, **extra)
+
+
+def _swiglu_width(hidden: int) -> int:
+    """Llama's MLP width: 8/3 of hidden (same parameters as a 4x GELU MLP), rounded up to 16."""
+    return (int(8 * hidden / 3) + 15) // 16 * 16
+
+
+def auto_class(objective: Objective):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if objective is Objective.clm:
+        return AutoModelForCausalLM
+    if objective is Objective.mlm:
+        return AutoModelForMaskedLM
+    raise UsageError(f"objective={objective.value} has no language-model head; use clm or mlm here")
+
+
+def check_family(family: Family, objective: Objective) -> None:
+    if objective is Objective.clm and family in ENCODER_FAMILIES:
+        raise UsageError(f"model.family={family.value} is an encoder and cannot be trained with objective=clm; "
+                         "use objective=mlm, or a decoder (model=gpt-tiny, model=llama-tiny)")
+    if objective is Objective.mlm and family in DECODER_FAMILIES:
+        raise UsageError(f"model.family={family.value} is a decoder and cannot be trained with objective=mlm; "
+                         "use objective=clm, or an encoder (model=bert-tiny, model=bert-small)")
+
+
+def build_model(m: Any, objective: Objective, tokenizer: Any):
+    """A freshly initialised transformers model of the configured family and shape."""
+    check_family(Family(m.family), objective)
+    config = build_config(m, tokenizer)
+    return auto_class(objective).from_config(config, attn_implementation=m.attn_implementation)
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A local path must be a model directory; anything that does not exist locally is a hub name."""
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if not looks_local:
+        return
+    if not path.exists():
+        raise UsageError(f"model.name_or_path={name_or_path} does not exist; pass a model directory "
+                         "(e.g. runs/pretrain/<run>/final) or a hub name")
+    if not is_model_dir(path):
+        hint = " (it holds a final/ model: pass that)" if is_model_dir(path / "final") else ""
+        raise UsageError(f"model.name_or_path={name_or_path} is not a model directory: no config.json{hint}")
+
+
+def load_model(name_or_path: str, objective: Objective, *, attn_implementation: Optional[str] = None,
+               trust_remote_code: bool = False, dtype: Any = None):
+    """A pretrained model with the head the objective needs; weights only from safetensors by default."""
+    check_model_path(name_or_path)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        return auto_class(objective).from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load model '{name_or_path}' for objective={objective.value}: {first}") from None
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,25 @@
+"""Training objectives: each turns a batch of token blocks into model inputs and a summed loss.
+
+Losses are returned as (sum, count) so the loop can weight every target token equally across
+micro-batches, devices and gradient-accumulation steps, whatever their share of masked tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftk.schemas import Objective
+
+
+def get_objective(cfg: Any, tokenizer: Any):
+    """The objective named by the `objective` config group."""
+    name = Objective(cfg.name)
+    if name is Objective.clm:
+        from ftk.objectives.clm import CausalLM
+
+        return CausalLM()
+    if name is Objective.mlm:
+        from ftk.objectives.mlm import MaskedLM
+
+        return MaskedLM(tokenizer, cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob)
+    raise NotImplementedError(f"objective {name.value} is provided by `ftk finetune`")

@@ -1,0 +1,33 @@
+"""Causal LM: predict token t+1 from tokens <= t; every position of a packed block is a target."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+class CausalLM:
+    name = "clm"
+
+    def inputs(self, block: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        # Packed blocks have no padding, so no attention mask: SDPA then takes its fastest causal path.
+        return {"input_ids": block}
+
+    def targets(self, inputs: Dict[str, torch.Tensor]) -> int:
+        """How many positions carry a loss (known before the forward pass)."""
+        if "attention_mask" in inputs:
+            return int(inputs["attention_mask"][:, 1:].sum())
+        ids = inputs["input_ids"]
+        return ids.shape[0] * (ids.shape[1] - 1)
+
+    def loss(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        ids = inputs["input_ids"]
+        logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask")).logits
+        targets = ids[:, 1:]
+        if "attention_mask" in inputs:  # padded batches (fine-tuning): no loss on padding
+            targets = targets.masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
+        total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                reduction="sum")
+        return total, (targets != -100).sum()

@@ -1,0 +1,105 @@
+"""The run directory: where a run resumes from, what it records, and the summary it ends with.
+
+    <run>/.hydra/            the composed config (written by Hydra)
+    <run>/environment.json   every version needed to reproduce the run
+    <run>/metrics.jsonl      one line per logging step (and per validation)
+    <run>/checkpoints/       atomic, resumable checkpoints (see ftk/checkpoint.py)
+    <run>/final/             the trained model in Hugging Face format (or a PEFT adapter) + tokenizer
+    <run>/summary.json       the figures of the closing table
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from ftk import checkpoint
+from ftk.errors import UsageError
+
+PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "accelerate", "peft", "bitsandbytes",
+            "hydra-core", "omegaconf", "numpy", "ftk")
+
+
+def output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "final").is_dir() and (run_dir / "summary.json").is_file()
+
+
+def resume_point(run_dir: Path, resume: str) -> Optional[Path]:
+    """The checkpoint to continue from, or None for a fresh start; refuses to overwrite a finished run."""
+    resume = str(resume)
+    if resume == "never":
+        if is_finished(run_dir):
+            raise UsageError(f"{run_dir} holds a finished run; pick a new hydra.run.dir, or continue it with "
+                             "train.resume=auto")
+        if checkpoint.latest(run_dir / "checkpoints") is not None:
+            raise UsageError(f"{run_dir} holds checkpoints of an unfinished run; continue it with "
+                             "train.resume=auto, or pick a new hydra.run.dir")
+        return None
+    if resume == "auto":
+        return checkpoint.latest(run_dir / "checkpoints")  # None: nothing saved yet, start fresh
+    path = Path(resume).expanduser()
+    if not (path / "trainer_state.json").is_file():
+        raise UsageError(f"train.resume={resume} is not a complete checkpoint directory (no trainer_state.json); "
+                         "pass train.resume=auto or a checkpoints/step-N folder")
+    return path
+
+
+def git_commit() -> Optional[str]:
+    """The commit of ftk's own source, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5, check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5,
+                               check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment() -> Dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
+            "ftk_git_commit": git_commit(), "argv": sys.argv}
+
+
+def write_json(path: Path, data: Dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def format_duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def print_summary(title: str, rows: List[Tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
+    Console(stderr=False).print(table)

@@ -1,0 +1,214 @@
+"""Typed schemas behind every config group.
+
+Each YAML option in configs/<group>/ is merged onto one of these dataclasses, so Hydra rejects an
+unknown key, a wrong type or a value outside an Enum while composing, before any work starts.
+`register()` puts them in Hydra's ConfigStore; the primary configs name them first in their
+defaults lists. Cross-field checks that types cannot express live in `validate()`.
+
+This module imports only omegaconf/hydra (no torch) so that composing a config stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from ftk.errors import UsageError
+
+
+class Family(str, Enum):
+    """Model families ftk can build from scratch (any transformers model loads via name_or_path)."""
+
+    gpt2 = "gpt2"
+    llama = "llama"
+    bert = "bert"
+    roberta = "roberta"
+
+
+class Objective(str, Enum):
+    clm = "clm"                        # next-token prediction (GPT, Llama)
+    mlm = "mlm"                        # masked-token prediction (BERT, RoBERTa)
+    classification = "classification"  # new task head on the pretrained body
+    sft = "sft"                        # instruction tuning, loss on response tokens only
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"      # linear warmup, cosine decay to min_lr_ratio * lr
+    linear = "linear"      # linear warmup, linear decay to min_lr_ratio * lr
+    constant = "constant"  # linear warmup, then flat
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 where the device supports it, else fp32
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast; weights and optimizer state stay fp32
+    fp16 = "fp16"  # autocast with dynamic loss scaling (CUDA only)
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Optimizer(str, Enum):
+    auto = "auto"              # fused AdamW where supported, else AdamW
+    adamw = "adamw"            # torch AdamW (foreach)
+    adamw_fused = "adamw_fused"  # torch AdamW(fused=True): one kernel for all parameters
+    adamw_8bit = "adamw_8bit"  # bitsandbytes 8-bit AdamW: ~4x smaller optimizer state
+
+
+class Strategy(str, Enum):
+    auto = "auto"  # ddp when launched with several processes, else single process
+    none = "none"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class OnNonFinite(str, Enum):
+    stop = "stop"  # stop the run, naming the step (no checkpoint with non-finite weights is written)
+    skip = "skip"  # drop the batch and go on, up to train.max_skipped_batches
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face model directory (e.g. runs/pt/final) or a hub name. When unset the model is
+    # built from scratch from the shape below, and a tokenizer is trained on the training corpus.
+    name_or_path: Optional[str] = None
+    family: Family = Family.gpt2
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None       # llama only: grouped-query attention; None = num_heads
+    intermediate_size: Optional[int] = None  # MLP width; None = 4 * hidden_size (llama: 8/3, rounded)
+    max_position_embeddings: int = 512       # longest sequence the model can see; train.seq_len must fit
+    vocab_size: int = 8192                   # size of the tokenizer trained from scratch
+    dropout: float = 0.0                     # 0 for pretraining at this scale; 0.1 is BERT's original
+    tie_word_embeddings: bool = True         # share input and output embeddings (GPT-2 and BERT do)
+    tokenizer: Optional[str] = None          # reuse this tokenizer (dir or hub name) instead of training one
+    attn_implementation: str = "sdpa"        # sdpa (fused, default) | eager | flash_attention_2 (CUDA)
+    trust_remote_code: bool = False          # never run code from a model repo unless you opt in
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Objective = Objective.clm
+    mlm_probability: float = 0.15     # share of tokens selected for prediction (BERT: 0.15)
+    mask_replace_prob: float = 0.8    # of the selected: share replaced by [MASK]
+    random_replace_prob: float = 0.1  # of the selected: share replaced by a random token; the rest stay
+
+
+@dataclass
+class DataConfig:
+    # A file (.txt .jsonl .json .csv .tsv .parquet), a folder of them, or a hub dataset name.
+    # Unset: the embedded default corpus (docstrings of this Python's standard library; no download).
+    path: Optional[str] = None
+    validation_path: Optional[str] = None  # held-out file/folder/name; unset = hold out a share of documents
+    validation_fraction: float = 0.05      # share of documents held out when validation_path is unset
+    text_column: str = "text"              # column holding the text in jsonl/csv/parquet/hub data
+    hub_config: Optional[str] = None       # hub datasets only: configuration name (e.g. wikitext-2-raw-v1)
+    split: str = "train"                   # hub datasets only: split to train on
+    validation_split: Optional[str] = None  # hub datasets only: split to validate on (e.g. validation)
+    max_documents: Optional[int] = None    # use only the first N documents (quick experiments)
+    cache_dir: Optional[str] = None        # tokenized-data cache; unset = $FTK_CACHE or ~/.cache/ftk
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000          # optimizer steps
+    max_minutes: Optional[float] = None  # stop (saving final/) after this much wall time; unset = no limit
+    batch_size: int = 16           # sequences per optimizer step, over all devices (the global batch)
+    seq_len: int = 256             # tokens per sequence; must fit model.max_position_embeddings
+    lr: float = 3e-4               # peak learning rate
+    min_lr_ratio: float = 0.1      # final lr = min_lr_ratio * lr (cosine/linear)
+    warmup_steps: int = 100        # linear warmup from 0
+    schedule: Schedule = Schedule.cosine
+    weight_decay: float = 0.1      # decoupled (AdamW); not applied to biases and norms
+    beta1: float = 0.9
+    beta2: float = 0.95            # 0.95 is the GPT-3/Llama choice; 0.999 is torch's default
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0     # gradient clipping; 0 disables it
+    log_every: int = 10            # steps between metrics.jsonl lines
+    eval_every: int = 200          # steps between validations; 0 = only at the end
+    eval_batches: int = 20         # validation batches per evaluation (0 = the whole validation set)
+    save_every: int = 500          # steps between checkpoints; 0 = only final/
+    keep_last: int = 2             # checkpoints kept; older ones are removed after a new one is complete
+    seed: int = 0                  # seeds init, data order and masking: the same seed gives the same losses
+    resume: str = "never"          # never | auto (newest complete checkpoint in the run dir) | a checkpoint dir
+    on_nonfinite: OnNonFinite = OnNonFinite.stop
+    max_skipped_batches: int = 10  # with on_nonfinite=skip: stop after this many skipped batches
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "auto"
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    micro_batch_size: Optional[int] = None  # sequences per forward per device; the rest is gradient accumulation
+    gradient_checkpointing: bool = False    # recompute activations in backward: less memory, ~30% more compute
+    optimizer: Optimizer = Optimizer.auto
+    compile: Optional[bool] = None          # torch.compile the model; None = on for runs long enough to pay off
+    strategy: Strategy = Strategy.auto
+    num_threads: Optional[int] = None       # CPU threads for torch; None = torch's default (all cores)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore (called by each recipe before Hydra composes)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="objective", name="schema", node=ObjectiveConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="train", name="schema", node=TrainConfig)
+    cs.store(group="hardware", name="schema", node=HardwareConfig)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def validate(cfg: Any) -> None:
+    """Checks across fields that types cannot express; raises UsageError naming the key and fix."""
+    t, m, o = cfg.train, cfg.model, cfg.objective
+    _require(t.max_steps > 0, f"train.max_steps must be positive, got {t.max_steps}")
+    _require(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
+    _require(t.seq_len > 1, f"train.seq_len must be at least 2, got {t.seq_len}")
+    _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _require(0 <= t.warmup_steps, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _require(t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}")
+    _require(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
+    for key in ("eval_every", "save_every", "eval_batches"):
+        _require(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
+    _require(0.0 < cfg.data.validation_fraction < 1.0,
+             f"data.validation_fraction must be in (0, 1), got {cfg.data.validation_fraction}")
+    if m.name_or_path is None:
+        _require(t.seq_len <= m.max_position_embeddings,
+                 f"train.seq_len={t.seq_len} is larger than model.max_position_embeddings="
+                 f"{m.max_position_embeddings}; lower train.seq_len or raise model.max_position_embeddings")
+        _require(m.hidden_size % m.num_heads == 0,
+                 f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    for key in ("mlm_probability", "mask_replace_prob", "random_replace_prob"):
+        _require(0.0 <= getattr(o, key) <= 1.0, f"objective.{key} must be in [0, 1], got {getattr(o, key)}")
+    _require(o.mask_replace_prob + o.random_replace_prob <= 1.0,
+             "objective.mask_replace_prob + objective.random_replace_prob must be at most 1")
+    resume = str(t.resume)
+    _require(resume in ("never", "auto") or bool(resume), "train.resume must be never, auto or a checkpoint dir")
+    hw = cfg.hardware
+    _require(hw.micro_batch_size is None or hw.micro_batch_size > 0,
+             f"hardware.micro_batch_size must be positive, got {hw.micro_batch_size}")
+    _require(o.name in (Objective.clm, Objective.mlm) or "regime" in cfg,
+             f"objective={o.name.value} is a fine-tuning objective; use `ftk finetune objective={o.name.value}`")

@@ -1,0 +1,304 @@
+"""The one training loop, shared by `ftk pretrain` and `ftk finetune`.
+
+accelerate owns devices, mixed precision and distribution (`Accelerator.prepare`, `backward`,
+`clip_grad_norm_`); the loop body is ours so that it can be exact about three things:
+
+* Data position. The global batch of step s is stream positions [s*B, (s+1)*B); each process takes
+  its slice, so resuming at step s re-reads nothing and skips nothing, in O(1).
+* Randomness. Dropout and masking are reseeded every step from (seed, step, rank), so a resumed run
+  draws what the uninterrupted one would: losses after a resume are bit-identical on CPU fp32.
+* Loss weighting. Objectives return (sum, count); every target token of the global batch weighs
+  the same, whatever the micro-batch split, the number of processes or the share of masked tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol
+
+import numpy as np
+import torch
+
+from ftk import checkpoint
+from ftk.checkpoint import TrainState
+from ftk.data.sampler import BlockStream
+from ftk.errors import NumericError, Preempted
+from ftk.schemas import OnNonFinite
+from ftk.hardware import Plan
+from ftk.optim import build_optimizer, build_scheduler
+from ftk.progress import TrainingProgress
+from ftk.signals import StopRequest
+
+
+class Source(Protocol):
+    """Training data the loop can address by index."""
+
+    n_train: int
+
+    def train_batch(self, indices: np.ndarray) -> Any: ...
+
+    def validation_batches(self, batch_size: int, limit: int) -> Iterable[Any]: ...
+
+    def tokens_in(self, batch: Any) -> int: ...
+
+
+class BlockSource:
+    """Packed LM blocks (numpy, possibly memory-mapped) served as int64 tensors."""
+
+    def __init__(self, train: np.ndarray, validation: np.ndarray):
+        self.train, self.validation = train, validation
+        self.n_train = len(train)
+
+    def train_batch(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.train[np.sort(indices)], dtype=np.int64))
+
+    def validation_batches(self, batch_size: int, limit: int) -> Iterable[torch.Tensor]:
+        n = len(self.validation) if not limit else min(len(self.validation), limit * batch_size)
+        for start in range(0, n, batch_size):
+            yield torch.from_numpy(np.asarray(self.validation[start:min(n, start + batch_size)], dtype=np.int64))
+
+    def tokens_in(self, batch: torch.Tensor) -> int:
+        return batch.numel()
+
+
+class Callback(Protocol):
+    """Regime hooks: called before each optimizer step (e.g. to unfreeze layers or change the lr)."""
+
+    def on_step_start(self, step: int, model: Any, optimizer: Any) -> None: ...
+
+
+@dataclass
+class LoopResult:
+    state: TrainState
+    history: List[Dict[str, Any]] = field(default_factory=list)  # every metrics.jsonl line of this process
+    final_eval: Dict[str, float] = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+    first_step_s: Optional[float] = None  # seconds from process start to the end of the first step
+
+
+def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, step, rank, stream]).generate_state(1)[0])
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _inputs(objective: Any, batch: Any, seed: int, device: torch.device) -> Dict[str, torch.Tensor]:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return _to(objective.inputs(batch, generator), device)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written; trimmed on resume."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int]):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            # Lines past the checkpoint belong to steps that will be run again: drop them.
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        self._handle = open(path, "a") if enabled else None
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self._handle:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle:
+            self._handle.close()
+
+
+@torch.no_grad()
+def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit: int, seed: int,
+             accelerator: Any) -> Dict[str, float]:
+    """Token-weighted validation loss (and perplexity) over the first `limit` batches, split over ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for i, batch in enumerate(source.validation_batches(batch_size, limit)):
+        if i % accelerator.num_processes != accelerator.process_index:
+            continue
+        inputs = _inputs(objective, batch, step_seed(seed, i, 0, stream=1), accelerator.device)
+        loss_sum, count = objective.loss(model, inputs)
+        total += torch.stack([loss_sum.double(), count.double()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg: Any, plan: Plan,
+        accelerator: Any, run_dir: Path, resume_from: Optional[Path] = None,
+        callbacks: Iterable[Callback] = (), extra_loss: Optional[Callable[[Any], torch.Tensor]] = None,
+        started_at: Optional[float] = None, save_model: Optional[Callable[[Any, Path], None]] = None) -> LoopResult:
+    """Train `model` for train_cfg.max_steps optimizer steps; returns the final state and metrics."""
+    t = train_cfg
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    checkpoints_dir = run_dir / "checkpoints"
+
+    state = TrainState()
+    if resume_from is not None:
+        state = checkpoint.load_state(resume_from)
+        checkpoint.load_model_weights(model, resume_from / "model")
+
+    optimizer = build_optimizer(model, t, plan.optimizer, plan.device)
+    scheduler = build_scheduler(optimizer, t)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None:
+        optimizer.load_state_dict(checkpoint.load_tensors(resume_from / "optimizer.pt"))
+        sched = checkpoint.load_tensors(resume_from / "scheduler.pt")
+        scheduler.load_state_dict(sched["scheduler"])
+        if sched.get("scaler") is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(sched["scaler"])
+
+    stream = BlockStream(source.n_train, t.seed)
+    per_process = plan.micro_batch_size * plan.grad_accum
+    global_batch = per_process * world
+    log = MetricsLog(run_dir / "metrics.jsonl", main, state.step if resume_from is not None else None)
+    progress = TrainingProgress(t.max_steps, state.step, enabled=main)
+    result = LoopResult(state=state)
+    unwrapped = accelerator.unwrap_model(model)
+    callbacks = list(callbacks)
+
+    def save() -> Path:
+        path = None
+        if main:
+            path = checkpoint.save(checkpoints_dir, state, unwrapped, tokenizer, optimizer, scheduler,
+                                   accelerator.scaler, t.keep_last)
+        accelerator.wait_for_everyone()
+        return path or checkpoint.latest(checkpoints_dir) or checkpoints_dir
+
+    model.train()
+    window_start, window_tokens, window_loss, window_count = time.perf_counter(), 0, 0.0, 0.0
+    run_start_elapsed, loop_start = state.elapsed, time.perf_counter()
+    try:
+        with StopRequest() as stop:
+            while state.step < t.max_steps:
+                step = state.step
+                for cb in callbacks:
+                    cb.on_step_start(step, unwrapped, optimizer)
+                torch.manual_seed(step_seed(t.seed, step, rank))  # dropout draws depend only on (seed, step, rank)
+                positions = stream.take(state.samples + rank * per_process, per_process)
+                micro_inputs = [
+                    _inputs(objective, source.train_batch(positions[m * plan.micro_batch_size:
+                                                                   (m + 1) * plan.micro_batch_size]),
+                            step_seed(t.seed, step, rank, stream=2 + m), accelerator.device)
+                    for m in range(plan.grad_accum)]
+                # Every target token of the global batch weighs the same: divide by the global count.
+                local_count = sum(objective.targets(inp) for inp in micro_inputs)
+                global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device),
+                                                  reduction="sum").clamp(min=1.0)
+                step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+                step_tokens = 0
+                for m, inputs in enumerate(micro_inputs):
+                    last = m == plan.grad_accum - 1
+                    with accelerator.no_sync(model) if not last else _null():
+                        loss_sum, _ = objective.loss(model, inputs)
+                        # DDP averages gradients over processes; scale by world so the result is the global mean.
+                        loss = loss_sum * (world / global_count)
+                        if extra_loss is not None and m == 0:
+                            loss = loss + extra_loss(unwrapped)
+                        accelerator.backward(loss)
+                    step_loss += loss_sum.detach().double()
+                    step_tokens += inputs["input_ids"].numel()
+                step_loss = accelerator.reduce(step_loss, reduction="sum") / global_count
+                loss_value = step_loss.item()
+                grad_norm = None
+                if t.max_grad_norm > 0 and accelerator.sync_gradients:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
+                # With fp16 an infinite gradient is the loss scaler's business (it skips the step and
+                # lowers the scale); elsewhere it is a fault like a non-finite loss.
+                grad_fault = grad_norm is not None and not math.isfinite(grad_norm) and plan.precision != "fp16"
+                if not math.isfinite(loss_value) or grad_fault:
+                    optimizer.zero_grad(set_to_none=True)
+                    state.skipped_batches += 1
+                    what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
+                    if OnNonFinite(t.on_nonfinite) is OnNonFinite.stop:
+                        raise NumericError(
+                            f"non-finite {what} at step {step + 1}; no checkpoint was written with it. Lower "
+                            "train.lr, raise train.warmup_steps, use hardware.precision=fp32 or bf16 instead of "
+                            "fp16, or set train.on_nonfinite=skip")
+                    if state.skipped_batches > t.max_skipped_batches:
+                        raise NumericError(f"{state.skipped_batches} batches skipped for non-finite losses "
+                                           f"(last at step {step + 1}, {what}); lower train.lr")
+                    progress.message(f"[yellow]step {step + 1}: {what}, batch skipped[/yellow]")
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state.step += 1
+                state.samples += global_batch
+                tokens_now = step_tokens * world
+                state.tokens += tokens_now
+                window_tokens += tokens_now
+                if math.isfinite(loss_value):
+                    window_loss += loss_value
+                    window_count += 1
+                state.elapsed = run_start_elapsed + (time.perf_counter() - loop_start)
+                if result.first_step_s is None and started_at is not None:
+                    result.first_step_s = time.time() - started_at
+
+                record: Dict[str, Any] = {}
+                if state.step % t.log_every == 0 or state.step == t.max_steps:
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_start, 1e-9)
+                    record = {"step": state.step, "loss": window_loss / max(window_count, 1),
+                              "lr": scheduler.get_last_lr()[0], "tokens": state.tokens, "tokens_per_s": tps,
+                              "elapsed_s": round(state.elapsed, 3), "epoch": round(stream.epoch_at(state.samples), 4)}
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    eta = (t.max_steps - state.step) * (now - window_start) / max(1, window_count)
+                    progress.update(state.step, record["loss"], record["lr"], tps, eta)
+                    window_start, window_tokens, window_loss, window_count = now, 0, 0.0, 0.0
+                time_up = t.max_minutes is not None and state.elapsed >= 60 * t.max_minutes
+                at_end = state.step == t.max_steps or time_up
+                if (t.eval_every and state.step % t.eval_every == 0) or at_end:
+                    metrics = evaluate(model, objective, source, plan.micro_batch_size, t.eval_batches, t.seed,
+                                       accelerator)
+                    record = record or {"step": state.step, "tokens": state.tokens,
+                                        "elapsed_s": round(state.elapsed, 3)}
+                    record.update(metrics)
+                    progress.message(f"step {state.step}: validation loss {metrics['eval_loss']:.4f}, "
+                                     f"perplexity {metrics['eval_ppl']:.2f}")
+                    result.final_eval = metrics
+                if record:
+                    log.write(record)
+                    result.history.append(record)
+                if t.save_every and state.step % t.save_every == 0 and not at_end:
+                    save()
+                if time_up:
+                    progress.message(f"train.max_minutes={t.max_minutes} reached at step {state.step}")
+                    break
+                if stop.requested:
+                    path = save()
+                    raise Preempted(
+                        f"stopped by {stop.signal_name} at step {state.step}; checkpoint saved to {path}. "
+                        f"Resume with the same command plus train.resume=auto hydra.run.dir={run_dir}")
+    finally:
+        progress.close()
+        log.close()
+    result.tokens_per_s = state.tokens / max(state.elapsed, 1e-9)
+    save()  # the final state as a checkpoint too: `train.resume=auto train.max_steps=<more>` continues it
+    return result
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

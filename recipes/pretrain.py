@@ -1,0 +1,63 @@
+"""`ftk pretrain`: train a transformer on unlabeled text with a causal or masked LM objective.
+
+Lifecycle: compose + validate -> tokenizer -> data -> model -> train loop -> save final/ -> summary.
+"""
+
+from __future__ import annotations
+
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from ftk import schemas
+
+SCHEMA = schemas.PretrainConfig
+schemas.register()
+
+
+@hydra.main(version_base=None, config_path="pkg://ftk.configs", config_name="pretrain")
+def main(cfg: DictConfig) -> None:
+    pretrain(cfg)
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    started = time.time()
+    schemas.validate(cfg)
+
+    from ftk import lm_setup, runs, train
+    from ftk.models import count_parameters
+
+    run_dir = runs.output_dir()
+    resume_from = runs.resume_point(run_dir, cfg.train.resume)
+    session = lm_setup.start(cfg, run_dir)
+    say = session.say
+    objective_name = cfg.objective.name.value
+
+    with session.accelerator.main_process_first():  # rank 0 fills the caches, the others then read them
+        splits = lm_setup.load_text(cfg, say)
+        tokenizer, tokenizer_fp = lm_setup.tokenizer_for(cfg, splits, resume_from, say)
+        packed = lm_setup.pack(cfg, splits, tokenizer, tokenizer_fp, say)
+    model = lm_setup.model_for(cfg, tokenizer, resume_from, say)
+    trainable, total = count_parameters(model)
+    say(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters; objective {objective_name}; "
+        f"{session.plan.precision} on {session.plan.device} x{session.plan.world_size}")
+    if resume_from is not None:
+        say(f"resuming from {resume_from}")
+
+    result = train.run(model=model, tokenizer=tokenizer, objective=lm_setup.objective_for(cfg, tokenizer),
+                       source=train.BlockSource(packed.train, packed.validation), train_cfg=cfg.train,
+                       plan=session.plan, accelerator=session.accelerator, run_dir=run_dir,
+                       resume_from=resume_from, started_at=started)
+
+    summary = {
+        "objective": objective_name, "parameters": total, "trainable_parameters": trainable,
+        "steps": result.state.step, "tokens_seen": result.state.tokens,
+        "wall_time_s": round(time.time() - started, 2), "train_time_s": round(result.state.elapsed, 2),
+        "tokens_per_s": round(result.tokens_per_s, 1), "first_step_s": result.first_step_s,
+        "train_blocks": len(packed.train), "validation_blocks": len(packed.validation),
+        "data": splits.description, **{f"final_{k}": v for k, v in result.final_eval.items()},
+        "plan": session.plan.as_dict(),
+    }
+    lm_setup.finish(session, run_dir, model, tokenizer, summary, "pretrain")
+    return summary
