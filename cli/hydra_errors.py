@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import List, Optional
 
-from ftk.errors import NumericError, Preempted, UsageError
+from ftk.errors import FAILURES, NumericError, Preempted, UsageError
 
 
 def schema_keys(schema: type, dotted: str) -> Optional[List[str]]:
@@ -88,8 +88,13 @@ def run_recipe(recipe: ModuleType, name: str, overrides: List[str]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # re-raise so that we, not Hydra, decide what the user sees
     saved_argv = sys.argv
     sys.argv = [f"ftk {name}"] + overrides
+    FAILURES.clear()
     try:
         recipe.main()
+        for exc in FAILURES:  # raised inside jobs (see ftk.errors.reported)
+            print(f"ftk {name}: {describe(exc, recipe)}", file=sys.stderr)
+        if FAILURES:
+            return max(getattr(exc, "exit_code", UsageError.exit_code) for exc in FAILURES)
     except (UsageError, NumericError, Preempted) as exc:
         print(f"ftk {name}: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -102,6 +107,12 @@ def run_recipe(recipe: ModuleType, name: str, overrides: List[str]) -> int:
         sys.argv = saved_argv
         _reset_hydra()
     return 0
+
+
+def describe(exc: BaseException, recipe: ModuleType) -> str:
+    if isinstance(exc, (UsageError, NumericError, Preempted)):
+        return str(exc)
+    return f"error: {one_line(exc, getattr(recipe, 'SCHEMA', None))}"
 
 
 def _reset_hydra() -> None:

@@ -6,6 +6,9 @@ the CLI prints it as one line and exits 2. Anything else is a bug and keeps its 
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable, List
+
 EXIT_USAGE = 2        # bad input: config, data, paths
 EXIT_PREEMPTED = 75   # stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: "try again")
 EXIT_NUMERIC = 3      # non-finite loss and the run was configured to stop
@@ -27,3 +30,24 @@ class Preempted(Exception):
     """The run was asked to stop (SIGTERM/SIGINT) and saved a checkpoint first."""
 
     exit_code = EXIT_PREEMPTED
+
+
+# Errors raised inside a Hydra job, kept for the CLI to report. Catching them inside the job (rather
+# than letting Hydra re-raise them) keeps Hydra from printing its own extra lines, and lets the
+# other jobs of a multirun sweep go on.
+FAILURES: List[BaseException] = []
+
+
+def reported(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap a recipe's Hydra task so user errors are recorded for the CLI instead of raised."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    @functools.wraps(task)
+    def wrapper(cfg: Any) -> Any:
+        try:
+            return task(cfg)
+        except (UsageError, NumericError, Preempted, OmegaConfBaseException) as exc:
+            FAILURES.append(exc)
+            return None
+
+    return wrapper

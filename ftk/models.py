@@ -13,8 +13,6 @@ from typing import Any, Optional
 from ftk.errors import UsageError
 from ftk.schemas import Family, Objective
 
-DECODER_FAMILIES = {Family.gpt2, Family.llama}
-ENCODER_FAMILIES = {Family.bert, Family.roberta}
 
 
 def build_config(m: Any, tokenizer: Any):
@@ -66,18 +64,8 @@ def auto_class(objective: Objective):
     raise UsageError(f"objective={objective.value} has no language-model head; use clm or mlm here")
 
 
-def check_family(family: Family, objective: Objective) -> None:
-    if objective is Objective.clm and family in ENCODER_FAMILIES:
-        raise UsageError(f"model.family={family.value} is an encoder and cannot be trained with objective=clm; "
-                         "use objective=mlm, or a decoder (model=gpt-tiny, model=llama-tiny)")
-    if objective is Objective.mlm and family in DECODER_FAMILIES:
-        raise UsageError(f"model.family={family.value} is a decoder and cannot be trained with objective=mlm; "
-                         "use objective=clm, or an encoder (model=bert-tiny, model=bert-small)")
-
-
 def build_model(m: Any, objective: Objective, tokenizer: Any):
-    """A freshly initialised transformers model of the configured family and shape."""
-    check_family(Family(m.family), objective)
+    """A freshly initialised transformers model of the configured family and shape (checked in schemas.validate)."""
     config = build_config(m, tokenizer)
     return auto_class(objective).from_config(config, attn_implementation=m.attn_implementation)
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
 
+from omegaconf import MISSING
+
 from ftk.errors import UsageError
 
 
@@ -73,9 +75,10 @@ class OnNonFinite(str, Enum):
 
 @dataclass
 class ModelConfig:
-    # A local Hugging Face model directory (e.g. runs/pt/final) or a hub name. When unset the model is
-    # built from scratch from the shape below, and a tokenizer is trained on the training corpus.
-    name_or_path: Optional[str] = None
+    # A local Hugging Face model directory (e.g. runs/pt/final) or a hub name. null builds the model from
+    # scratch from the shape below (and trains a tokenizer). Every model option sets it: a value that
+    # is missing (model=pretrained without model.name_or_path) stops the run with a clear error.
+    name_or_path: Optional[str] = MISSING
     family: Family = Family.gpt2
     hidden_size: int = 256
     num_layers: int = 4
@@ -102,8 +105,9 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     # A file (.txt .jsonl .json .csv .tsv .parquet), a folder of them, or a hub dataset name.
-    # Unset: the embedded default corpus (docstrings of this Python's standard library; no download).
-    path: Optional[str] = None
+    # null: the embedded default corpus (docstrings of this Python's standard library; no download).
+    # Every data option sets it (data=default to null); a missing one stops the run with a clear error.
+    path: Optional[str] = MISSING
     validation_path: Optional[str] = None  # held-out file/folder/name; unset = hold out a share of documents
     validation_fraction: float = 0.05      # share of documents held out when validation_path is unset
     text_column: str = "text"              # column holding the text in jsonl/csv/parquet/hub data
@@ -182,6 +186,10 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Any) -> None:
     """Checks across fields that types cannot express; raises UsageError naming the key and fix."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    _require(not missing, f"{missing[0] if missing else ''} is required: pass {missing[0] if missing else ''}=...")
     t, m, o = cfg.train, cfg.model, cfg.objective
     _require(t.max_steps > 0, f"train.max_steps must be positive, got {t.max_steps}")
     _require(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
@@ -201,6 +209,13 @@ def validate(cfg: Any) -> None:
                  f"{m.max_position_embeddings}; lower train.seq_len or raise model.max_position_embeddings")
         _require(m.hidden_size % m.num_heads == 0,
                  f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+        encoder = Family(m.family) in (Family.bert, Family.roberta)
+        if Objective(o.name) is Objective.clm and encoder:
+            raise UsageError(f"model.family={Family(m.family).value} is an encoder and cannot be trained with "
+                             "objective=clm; use objective=mlm, or a decoder (model=gpt-tiny, model=llama-tiny)")
+        if Objective(o.name) is Objective.mlm and not encoder:
+            raise UsageError(f"model.family={Family(m.family).value} is a decoder and cannot be trained with "
+                             "objective=mlm; use objective=clm, or an encoder (model=bert-tiny, model=bert-small)")
     for key in ("mlm_probability", "mask_replace_prob", "random_replace_prob"):
         _require(0.0 <= getattr(o, key) <= 1.0, f"objective.{key} must be in [0, 1], got {getattr(o, key)}")
     _require(o.mask_replace_prob + o.random_replace_prob <= 1.0,

@@ -24,6 +24,9 @@ def start(cfg: Any, run_dir: Path) -> Session:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own progress display is the one to watch
     hardware.set_threads(cfg.hardware.num_threads)
     plan = hardware.resolve(cfg.hardware, cfg.train.batch_size, cfg.train.max_steps)
     accelerator = Accelerator(cpu=plan.device == "cpu", mixed_precision=ACCELERATE_PRECISION[plan.precision])

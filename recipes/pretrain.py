@@ -11,12 +11,14 @@ import hydra
 from omegaconf import DictConfig
 
 from ftk import schemas
+from ftk.errors import reported
 
 SCHEMA = schemas.PretrainConfig
 schemas.register()
 
 
 @hydra.main(version_base=None, config_path="pkg://ftk.configs", config_name="pretrain")
+@reported
 def main(cfg: DictConfig) -> None:
     pretrain(cfg)
 
@@ -25,12 +27,12 @@ def pretrain(cfg: DictConfig) -> dict:
     started = time.time()
     schemas.validate(cfg)
 
-    from ftk import lm_setup, runs, train
+    from ftk import lm_setup, runs, session as sessions, train
     from ftk.models import count_parameters
 
     run_dir = runs.output_dir()
     resume_from = runs.resume_point(run_dir, cfg.train.resume)
-    session = lm_setup.start(cfg, run_dir)
+    session = sessions.start(cfg, run_dir)
     say = session.say
     objective_name = cfg.objective.name.value
 
@@ -59,5 +61,5 @@ def pretrain(cfg: DictConfig) -> dict:
         "data": splits.description, **{f"final_{k}": v for k, v in result.final_eval.items()},
         "plan": session.plan.as_dict(),
     }
-    lm_setup.finish(session, run_dir, model, tokenizer, summary, "pretrain")
+    sessions.finish(session, run_dir, model, tokenizer, summary, "pretrain")
     return summary

@@ -108,8 +108,13 @@ def pack(texts: List[str], tokenizer: Any, seq_len: int, layout: Layout) -> np.n
     content = seq_len - (layout.prefix is not None) - (layout.suffix is not None)
     dtype = np.uint16 if len(tokenizer) < 2**16 else np.int32
     pieces: List[np.ndarray] = []
-    for start in range(0, len(texts), 1000):  # fast tokenizers encode a batch in parallel threads
-        ids = tokenizer(texts[start:start + 1000], add_special_tokens=False)["input_ids"]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    for start in range(0, len(texts), 1000):
+        batch = texts[start:start + 1000]
+        if backend is not None:  # the Rust tokenizer encodes a batch in parallel, without length warnings
+            ids = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
+        else:
+            ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
         for doc in ids:
             pieces.append(np.asarray(doc + [layout.separator], dtype=dtype))
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)

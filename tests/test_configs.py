@@ -1,0 +1,65 @@
+"""Every shipped config and preset composes against its schema (litgpt's test_config_hub idea)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from ftk import schemas
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ["model", "objective", "data", "train", "hardware"]
+
+
+def options(group: str):
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _schemas():
+    schemas.register()
+
+
+def _compose(overrides):
+    with initialize_config_module(config_module="ftk.configs", version_base=None):
+        return compose(config_name="pretrain", overrides=overrides)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "model" and option == "pretrained":
+        overrides.append("model.name_or_path=some/model")
+    if group == "data" and option != "default":
+        overrides.append("data.path=corpus/")
+    cfg = _compose(overrides)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("preset", options("recipe"))
+def test_every_recipe_preset_composes_and_validates(preset):
+    cfg = _compose([f"+recipe={preset}"])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    schemas.validate(cfg)
+    # A preset names the shape it trains, and its objective matches the family.
+    family = schemas.Family(cfg.model.family)
+    objective = schemas.Objective(cfg.objective.name)
+    assert (family in (schemas.Family.bert, schemas.Family.roberta)) == (objective is schemas.Objective.mlm)
+
+
+def test_every_preset_opens_with_its_launch_command():
+    for path in (CONFIGS / "recipe").glob("*.yaml"):
+        lines = path.read_text().splitlines()
+        assert lines[0] == "# @package _global_", path
+        assert lines[1].startswith("# ftk pretrain"), path
+
+
+def test_schema_rejects_what_types_cannot():
+    cfg = _compose(["train.seq_len=1024"])  # gpt-tiny has 512 positions
+    with pytest.raises(schemas.UsageError, match="max_position_embeddings"):
+        schemas.validate(cfg)
+    with pytest.raises(schemas.UsageError, match="mask_replace_prob"):
+        schemas.validate(_compose(["objective=mlm", "objective.mask_replace_prob=0.95"]))
