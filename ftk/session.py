@@ -29,6 +29,11 @@ def start(cfg: Any, run_dir: Path) -> Session:
     transformers.utils.logging.disable_progress_bar()  # our own progress display is the one to watch
     hardware.set_threads(cfg.hardware.num_threads)
     plan = hardware.resolve(cfg.hardware, cfg.train.batch_size, cfg.train.max_steps)
+    # accelerate keeps one global state per process; a multirun sweep runs several jobs in one process,
+    # each with its own precision, so forget the previous job's choice (the process group is kept).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=plan.device == "cpu", mixed_precision=ACCELERATE_PRECISION[plan.precision])
     set_seed(cfg.train.seed)  # model initialisation; the loop reseeds per step
     from rich.console import Console
