@@ -62,4 +62,4 @@ def test_schema_rejects_what_types_cannot():
     with pytest.raises(schemas.UsageError, match="max_position_embeddings"):
         schemas.validate(cfg)
     with pytest.raises(schemas.UsageError, match="mask_replace_prob"):
-        schemas.validate(_compose(["objective=mlm", "objective.mask_replace_prob=0.95"]))
+        schemas.validate(_compose(["model=bert-tiny", "objective=mlm", "objective.mask_replace_prob=0.95"]))

@@ -18,7 +18,7 @@ from ftk.errors import UsageError
 FORMATS: Dict[str, tuple] = {
     ".txt": ("text", {"sample_by": "document", "encoding_errors": "replace"}),
     ".text": ("text", {"sample_by": "document", "encoding_errors": "replace"}),
-    ".md": ("text", {"sample_by": "document", "encoding_errors": "replace"}),
+    ".md": ("text", {"sample_by": "document", "encoding_errors": "replace"}),  # only when named, not in folders
     ".jsonl": ("json", {"encoding_errors": "replace"}),
     ".json": ("json", {"encoding_errors": "replace"}),
     ".csv": ("csv", {"encoding_errors": "replace"}),
@@ -41,8 +41,9 @@ def list_files(path: str, exclude: Sequence[Path] = ()) -> List[Path]:
     if root.is_file():
         files = [root]
     else:
+        # A folder's README.md / SOURCE.md describe the data; they are not part of it.
         files = sorted(p for p in root.rglob("*")
-                       if p.is_file() and p.suffix.lower() in FORMATS
+                       if p.is_file() and p.suffix.lower() in FORMATS and p.suffix.lower() != ".md"
                        and not any(part.startswith(".") for part in p.relative_to(root).parts))
     excluded = {p.resolve() for p in exclude}
     files = [f for f in files if f.resolve() not in excluded]
