@@ -96,6 +96,19 @@ def save(checkpoints: Path, state: TrainState, model: Any, tokenizer: Any, optim
     return final
 
 
+def save_weights(model: Any, target: Path) -> None:
+    """The model alone (e.g. the best one so far), replaced atomically: a kill never leaves half of it."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    _fsync_tree(tmp)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def load_state(path: Path) -> TrainState:
     return TrainState(**json.loads((path / "trainer_state.json").read_text()))
 

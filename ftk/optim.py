@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, List
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -53,5 +53,9 @@ def lr_factor(step: int, train: Any) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: Any) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
+def build_scheduler(optimizer: torch.optim.Optimizer, train: Any,
+                    multiplier: Optional[Callable[[int], float]] = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule, times a regime's multiplier by step (e.g. head_then_full's lower rate after the head phase)."""
+    if multiplier is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train) * multiplier(step))

@@ -127,24 +127,37 @@ def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit:
     """Token-weighted validation loss (and perplexity) over the first `limit` batches, split over ranks."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    total = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, count, correct
     for i, batch in enumerate(source.validation_batches(batch_size, limit)):
         if i % accelerator.num_processes != accelerator.process_index:
             continue
         inputs = _inputs(objective, batch, step_seed(seed, i, 0, stream=1), accelerator.device)
-        loss_sum, count = objective.loss(model, inputs)
-        total += torch.stack([loss_sum.double(), count.double()])
+        if hasattr(objective, "eval_sums"):  # task objectives also count correct predictions
+            sums = objective.eval_sums(model, inputs)
+            total += torch.stack([sums["loss_sum"].double(), sums["count"].double(),
+                                  sums["correct"].double()]).to(total.device)
+        else:
+            loss_sum, count = objective.loss(model, inputs)
+            total += torch.stack([loss_sum.double(), count.double().to(loss_sum.device),
+                                  torch.zeros((), dtype=torch.float64, device=loss_sum.device)]).to(total.device)
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     loss = (total[0] / total[1].clamp(min=1)).item()
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    if getattr(objective, "language_model", True):
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    return {"eval_loss": loss, "eval_accuracy": (total[2] / total[1].clamp(min=1)).item()}
 
 
 def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg: Any, plan: Plan,
         accelerator: Any, run_dir: Path, resume_from: Optional[Path] = None,
-        callbacks: Iterable[Callback] = (), extra_loss: Optional[Callable[[Any], torch.Tensor]] = None,
-        started_at: Optional[float] = None, save_model: Optional[Callable[[Any, Path], None]] = None) -> LoopResult:
-    """Train `model` for train_cfg.max_steps optimizer steps; returns the final state and metrics."""
+        callbacks: Iterable[Callback] = (), extra_loss: Optional[Callable[[Any, int], torch.Tensor]] = None,
+        lr_multiplier: Optional[Callable[[int], float]] = None, started_at: Optional[float] = None) -> LoopResult:
+    """Train `model` for train_cfg.max_steps optimizer steps; returns the final state and metrics.
+
+    Regimes plug in through `callbacks` (called before each step, e.g. to unfreeze layers),
+    `lr_multiplier` (a factor on the schedule by step) and `extra_loss(model, step)` (a penalty or
+    replay loss added to the task loss once per step).
+    """
     t = train_cfg
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -156,7 +169,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
         checkpoint.load_model_weights(model, resume_from / "model")
 
     optimizer = build_optimizer(model, t, plan.optimizer, plan.device)
-    scheduler = build_scheduler(optimizer, t)
+    scheduler = build_scheduler(optimizer, t, lr_multiplier)
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume_from is not None:
         optimizer.load_state_dict(checkpoint.load_tensors(resume_from / "optimizer.pt"))
@@ -173,6 +186,8 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
     result = LoopResult(state=state)
     unwrapped = accelerator.unwrap_model(model)
     callbacks = list(callbacks)
+    patience = getattr(t, "early_stopping_patience", 0)
+    best_dir = run_dir / "best"
 
     def save() -> Path:
         path = None
@@ -211,10 +226,11 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                         # DDP averages gradients over processes; scale by world so the result is the global mean.
                         loss = loss_sum * (world / global_count)
                         if extra_loss is not None and m == 0:
-                            loss = loss + extra_loss(unwrapped)
+                            loss = loss + extra_loss(unwrapped, step)
                         accelerator.backward(loss)
                     step_loss += loss_sum.detach().double()
-                    step_tokens += inputs["input_ids"].numel()
+                    mask = inputs.get("attention_mask")  # padded examples: count real tokens only
+                    step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
                 step_loss = accelerator.reduce(step_loss, reduction="sum") / global_count
                 loss_value = step_loss.item()
                 grad_norm = None
@@ -272,9 +288,15 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                     record = record or {"step": state.step, "tokens": state.tokens,
                                         "elapsed_s": round(state.elapsed, 3)}
                     record.update(metrics)
-                    progress.message(f"step {state.step}: validation loss {metrics['eval_loss']:.4f}, "
-                                     f"perplexity {metrics['eval_ppl']:.2f}")
+                    progress.message(f"step {state.step}: validation " + ", ".join(
+                        f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
                     result.final_eval = metrics
+                    window_start = time.perf_counter()  # tokens/s measures training, not validation
+                    if patience:
+                        stop_early = _early_stopping(state, metrics, patience, unwrapped, best_dir, main)
+                        if stop_early:
+                            progress.message(f"early stopping at step {state.step}: no better validation loss in "
+                                             f"{patience} evaluations; keeping step {state.extra['best_step']}")
                 if record:
                     log.write(record)
                     result.history.append(record)
@@ -282,6 +304,8 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                     save()
                 if time_up:
                     progress.message(f"train.max_minutes={t.max_minutes} reached at step {state.step}")
+                    break
+                if patience and state.extra.get("stopped_early"):
                     break
                 if stop.requested:
                     path = save()
@@ -292,8 +316,29 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
         progress.close()
         log.close()
     result.tokens_per_s = state.tokens / max(state.elapsed, 1e-9)
+    if patience and state.extra.get("best_step") not in (None, state.step):
+        accelerator.wait_for_everyone()
+        checkpoint.load_model_weights(unwrapped, best_dir)  # final/ is the best model, not the last
+        result.final_eval = dict(state.extra["best_eval"])
     save()  # the final state as a checkpoint too: `train.resume=auto train.max_steps=<more>` continues it
     return result
+
+
+def _early_stopping(state: TrainState, metrics: Dict[str, float], patience: int, model: Any, best_dir: Path,
+                   main: bool) -> bool:
+    """Keep the best model (by validation loss) in <run>/best; True when patience has run out."""
+    loss = metrics["eval_loss"]
+    if state.best_eval_loss is None or loss < state.best_eval_loss:
+        state.best_eval_loss = loss
+        state.extra.update(best_step=state.step, best_eval=dict(metrics), bad_evals=0)
+        if main:
+            checkpoint.save_weights(model, best_dir)
+        return False
+    state.extra["bad_evals"] = state.extra.get("bad_evals", 0) + 1
+    if state.extra["bad_evals"] >= patience:
+        state.extra["stopped_early"] = True
+        return True
+    return False
 
 
 class _null:
