@@ -55,6 +55,26 @@ def resume_point(run_dir: Path, resume: str) -> Optional[Path]:
     return path
 
 
+def newest_pretrained(root: Path = Path("runs")) -> Optional[Path]:
+    """final/ of the most recently finished `ftk pretrain` run under the default output folder."""
+    finished = [s.parent for s in root.glob("pretrain*/**/summary.json")
+                if (s.parent / "final" / "config.json").is_file()]
+    if not finished:
+        return None
+    return max(finished, key=lambda run: (run / "summary.json").stat().st_mtime) / "final"
+
+
+def pretraining_data(model_dir: Path) -> Tuple[bool, Optional[str]]:
+    """(known, data.path) of the ftk run that produced model_dir; data.path None is the embedded corpus."""
+    config = model_dir.parent / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return False, None
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.load(config).get("data", {})
+    return True, data.get("path")
+
+
 def git_commit() -> Optional[str]:
     """The commit of ftk's own source, when it runs from a git checkout."""
     try:

@@ -68,6 +68,17 @@ class Strategy(str, Enum):
     fsdp = "fsdp"
 
 
+class Regime(str, Enum):
+    full = "full"                              # every weight trains
+    feature_extraction = "feature_extraction"  # frozen backbone, only the new head trains
+    lora = "lora"                              # peft LoRA adapters (+ the new head)
+    qlora = "qlora"                            # 4-bit NF4 frozen base (bitsandbytes) + LoRA
+    prompt_tuning = "prompt_tuning"            # peft soft prompt; every model weight frozen
+    freeze_layers = "freeze_layers"            # embeddings and the first k blocks frozen
+    gradual_unfreeze = "gradual_unfreeze"      # ULMFiT: head first, then one more block from the top
+    head_then_full = "head_then_full"          # head alone, then everything at a lower lr
+
+
 class OnNonFinite(str, Enum):
     stop = "stop"  # stop the run, naming the step (no checkpoint with non-finite weights is written)
     skip = "skip"  # drop the batch and go on, up to train.max_skipped_batches
@@ -111,6 +122,10 @@ class DataConfig:
     validation_path: Optional[str] = None  # held-out file/folder/name; unset = hold out a share of documents
     validation_fraction: float = 0.05      # share of documents held out when validation_path is unset
     text_column: str = "text"              # column holding the text in jsonl/csv/parquet/hub data
+    label_column: str = "label"            # finetune objective=classification: column holding the class
+    instruction_column: str = "instruction"  # finetune objective=sft: the instruction ...
+    input_column: str = "input"            # ... an optional input (context) ...
+    response_column: str = "output"        # ... and the response (Alpaca's `output`; `response` also found)
     hub_config: Optional[str] = None       # hub datasets only: configuration name (e.g. wikitext-2-raw-v1)
     split: str = "train"                   # hub datasets only: split to train on
     validation_split: Optional[str] = None  # hub datasets only: split to validate on (e.g. validation)
@@ -124,7 +139,7 @@ class TrainConfig:
     max_minutes: Optional[float] = None  # stop (saving final/) after this much wall time; unset = no limit
     batch_size: int = 16           # sequences per optimizer step, over all devices (the global batch)
     seq_len: int = 256             # tokens per sequence; must fit model.max_position_embeddings
-    lr: float = 3e-4               # peak learning rate
+    lr: Optional[float] = 3e-4     # peak learning rate; finetune: null = the regime's default (regime.lr)
     min_lr_ratio: float = 0.1      # final lr = min_lr_ratio * lr (cosine/linear)
     warmup_steps: int = 100        # linear warmup from 0
     schedule: Schedule = Schedule.cosine
@@ -142,6 +157,8 @@ class TrainConfig:
     resume: str = "never"          # never | auto (newest complete checkpoint in the run dir) | a checkpoint dir
     on_nonfinite: OnNonFinite = OnNonFinite.stop
     max_skipped_batches: int = 10  # with on_nonfinite=skip: stop after this many skipped batches
+    early_stopping_patience: int = 0  # stop after this many validations without a better loss, keeping
+                                      # the best model as final/; 0 = train all steps
 
 
 @dataclass
@@ -158,6 +175,36 @@ class HardwareConfig:
 
 
 @dataclass
+class RegimeConfig:
+    """How much of the pretrained model trains (`ftk finetune regime=...`); fields unused by a regime are ignored."""
+
+    name: Regime = Regime.full
+    lr: float = 1e-4                       # default peak lr of the regime (train.lr overrides it)
+    lora_r: int = 8                        # lora/qlora: rank of the update
+    lora_alpha: int = 16                   # lora/qlora: scale alpha/r
+    lora_dropout: float = 0.05
+    target_modules: Optional[List[str]] = None  # lora/qlora: module names; null = peft's default for the family
+    num_virtual_tokens: int = 20           # prompt_tuning: length of the soft prompt
+    freeze_layers: int = 2                 # freeze_layers: blocks frozen from the bottom (with the embeddings)
+    unfreeze_every: int = 50               # gradual_unfreeze: steps between unfreezing one more block
+    head_steps: int = 100                  # head_then_full: steps with only the head training
+    full_lr_ratio: float = 0.1             # head_then_full: lr of the full phase, relative to regime lr
+    quant_type: str = "nf4"                # qlora: nf4 | fp4
+    compute_dtype: str = "bf16"            # qlora: dtype of the de-quantized matmuls: bf16 | fp16 | fp32
+
+
+@dataclass
+class ForgettingConfig:
+    """How much general knowledge survives fine-tuning, and what holds it."""
+
+    data_path: Optional[str] = None     # general text: perplexity of base and fine-tuned model on it
+    max_blocks: int = 64                # blocks of train.seq_len tokens evaluated from data_path
+    replay_fraction: float = 0.0        # share of each batch drawn from replay data (LM loss on it)
+    replay_path: Optional[str] = None   # replay text; null = the base run's pretraining data (or data_path)
+    l2sp: float = 0.0                   # L2-SP: alpha/2 * ||w - w_pretrained||^2 on trainable pretrained weights
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -166,12 +213,25 @@ class PretrainConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
 
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
+
+
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore (called by each recipe before Hydra composes)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(name="finetune_schema", node=FinetuneConfig)
+    cs.store(group="regime", name="schema", node=RegimeConfig)
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="objective", name="schema", node=ObjectiveConfig)
     cs.store(group="data", name="schema", node=DataConfig)
@@ -194,7 +254,10 @@ def validate(cfg: Any) -> None:
     _require(t.max_steps > 0, f"train.max_steps must be positive, got {t.max_steps}")
     _require(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
     _require(t.seq_len > 1, f"train.seq_len must be at least 2, got {t.seq_len}")
-    _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _require(t.lr is None or t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _require(t.lr is not None or "regime" in cfg, "train.lr is required: pass train.lr=...")
+    _require(t.early_stopping_patience >= 0,
+             f"train.early_stopping_patience must be >= 0, got {t.early_stopping_patience}")
     _require(0 <= t.warmup_steps, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}")
@@ -203,7 +266,7 @@ def validate(cfg: Any) -> None:
         _require(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
     _require(0.0 < cfg.data.validation_fraction < 1.0,
              f"data.validation_fraction must be in (0, 1), got {cfg.data.validation_fraction}")
-    if m.name_or_path is None:
+    if m.name_or_path is None and "regime" not in cfg:  # built from scratch (finetune: null = newest run)
         _require(t.seq_len <= m.max_position_embeddings,
                  f"train.seq_len={t.seq_len} is larger than model.max_position_embeddings="
                  f"{m.max_position_embeddings}; lower train.seq_len or raise model.max_position_embeddings")
@@ -227,3 +290,20 @@ def validate(cfg: Any) -> None:
              f"hardware.micro_batch_size must be positive, got {hw.micro_batch_size}")
     _require(o.name in (Objective.clm, Objective.mlm) or "regime" in cfg,
              f"objective={o.name.value} is a fine-tuning objective; use `ftk finetune objective={o.name.value}`")
+
+
+def validate_finetune(cfg: Any) -> None:
+    """validate() plus the fine-tuning fields."""
+    validate(cfg)
+    r, f = cfg.regime, cfg.forgetting
+    for key in ("lr", "lora_r", "lora_alpha", "num_virtual_tokens", "unfreeze_every", "full_lr_ratio"):
+        _require(getattr(r, key) > 0, f"regime.{key} must be positive, got {getattr(r, key)}")
+    for key in ("freeze_layers", "head_steps"):
+        _require(getattr(r, key) >= 0, f"regime.{key} must be >= 0, got {getattr(r, key)}")
+    _require(0.0 <= r.lora_dropout < 1.0, f"regime.lora_dropout must be in [0, 1), got {r.lora_dropout}")
+    _require(r.quant_type in ("nf4", "fp4"), f"regime.quant_type must be nf4 or fp4, got {r.quant_type}")
+    _require(r.compute_dtype in ("bf16", "fp16", "fp32"),
+             f"regime.compute_dtype must be bf16, fp16 or fp32, got {r.compute_dtype}")
+    _require(0.0 <= f.replay_fraction < 1.0, f"forgetting.replay_fraction must be in [0, 1), got {f.replay_fraction}")
+    _require(f.l2sp >= 0.0, f"forgetting.l2sp must be >= 0, got {f.l2sp}")
+    _require(f.max_blocks > 0, f"forgetting.max_blocks must be positive, got {f.max_blocks}")

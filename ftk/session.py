@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ftk import hardware, runs
 from ftk.hardware import Plan
@@ -38,7 +38,7 @@ def start(cfg: Any, run_dir: Path) -> Session:
     set_seed(cfg.train.seed)  # model initialisation; the loop reseeds per step
     from rich.console import Console
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)  # paths stay whole, greppable
 
     def say(text: str) -> None:
         if accelerator.is_main_process:
@@ -50,8 +50,10 @@ def start(cfg: Any, run_dir: Path) -> Session:
     return Session(plan, accelerator, say)
 
 
-def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary: Dict[str, Any], title: str) -> None:
-    """Write final/ (Hugging Face format) and the summary; rank 0 only."""
+def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary: Dict[str, Any], title: str,
+           extra_json: Optional[Dict[str, Dict[str, Any]]] = None,
+           extra_rows: Sequence[Tuple[str, str]] = ()) -> None:
+    """Write final/ (Hugging Face format, or a PEFT adapter) and the summary; rank 0 only."""
     accelerator = session.accelerator
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -64,6 +66,8 @@ def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary:
     accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    for name, content in (extra_json or {}).items():
+        runs.write_json(tmp / name, content)
     if final.exists():  # a resumed run that finished again: replace the old final/ only now
         shutil.rmtree(final)
     tmp.replace(final)
@@ -80,8 +84,12 @@ def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary:
     ]
     if summary.get("first_step_s") is not None:
         rows.append(("command to first step", f"{summary['first_step_s']:.1f}s"))
-    if "final_eval_loss" in summary:
+    if "final_eval_ppl" in summary:
         rows += [("validation loss", f"{summary['final_eval_loss']:.4f}"),
                  ("validation perplexity", f"{summary['final_eval_ppl']:.2f}")]
+    if "final_eval_accuracy" in summary:
+        rows += [("validation loss", f"{summary['final_eval_loss']:.4f}"),
+                 ("validation accuracy", f"{summary['final_eval_accuracy']:.2%}")]
+    rows += list(extra_rows)
     rows.append(("saved", str(final)))
     runs.print_summary(f"ftk {title}: {run_dir}", rows)
