@@ -22,4 +22,12 @@ def get_objective(cfg: Any, tokenizer: Any):
         from ftk.objectives.mlm import MaskedLM
 
         return MaskedLM(tokenizer, cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob)
-    raise NotImplementedError(f"objective {name.value} is provided by `ftk finetune`")
+    if name is Objective.classification:
+        from ftk.objectives.classification import Classification
+
+        return Classification()
+    if name is Objective.sft:
+        from ftk.objectives.sft import SupervisedFineTuning
+
+        return SupervisedFineTuning()
+    raise ValueError(f"unknown objective {name}")

@@ -1,0 +1,68 @@
+"""Labelled examples (classification, SFT) as a source the training loop can address by index.
+
+Examples are tokenized once into lists of ids; a batch pads only to its own longest example
+(dynamic padding), so short examples cost no compute on padding the batch does not need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Example:
+    input_ids: List[int]
+    label: Optional[int] = None               # classification: the class index
+    token_labels: Optional[List[int]] = None  # SFT: per-token targets, -100 where no loss (the prompt)
+
+
+def collate(examples: Sequence[Example], pad_id: int, padding_side: str = "right") -> Dict[str, torch.Tensor]:
+    """Pad to the longest example of the batch; attention_mask marks real tokens."""
+    longest = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    token_labels = None
+    if examples[0].token_labels is not None:
+        token_labels = torch.full((len(examples), longest), -100, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        cols = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
+        ids[row, cols] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[row, cols] = 1
+        if token_labels is not None:
+            token_labels[row, cols] = torch.tensor(e.token_labels, dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if token_labels is not None:
+        batch["labels"] = token_labels
+    elif examples[0].label is not None:
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return batch
+
+
+class ExampleSource:
+    """Training and validation examples served as padded batches (see ftk.train.Source)."""
+
+    def __init__(self, train: List[Example], validation: List[Example], pad_id: int, padding_side: str = "right"):
+        self.train, self.validation, self.pad_id, self.padding_side = train, validation, pad_id, padding_side
+        self.n_train = len(train)
+
+    def train_batch(self, indices: np.ndarray) -> Dict[str, torch.Tensor]:
+        return collate([self.train[i] for i in indices], self.pad_id, self.padding_side)
+
+    def validation_batches(self, batch_size: int, limit: int) -> Iterable[Dict[str, torch.Tensor]]:
+        # Sorted by length so that validation batches carry little padding; the order does not change sums.
+        order = sorted(range(len(self.validation)), key=lambda i: len(self.validation[i].input_ids))
+        n = len(order) if not limit else min(len(order), limit * batch_size)
+        for start in range(0, n, batch_size):
+            yield collate([self.validation[i] for i in order[start:start + batch_size]], self.pad_id,
+                          self.padding_side)
+
+    def tokens_in(self, batch: Dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def longest(self) -> int:
+        return max(len(e.input_ids) for e in (*self.train, *self.validation))
