@@ -1,0 +1,30 @@
+"""LoRA (and QLoRA, whose 4-bit base ftk.regimes.qlora_base loads): peft low-rank adapters.
+
+Target modules default to peft's choice for the model family; a new classification head (and any
+other freshly initialised module, e.g. BERT's pooler) trains in full and is saved with the adapter.
+"""
+
+from ftk.errors import UsageError
+from ftk.regimes import Context, Prepared
+from ftk.regimes.structure import head_modules
+from ftk.schemas import Objective
+
+TASK_TYPES = {Objective.classification: "SEQ_CLS", Objective.clm: "CAUSAL_LM", Objective.sft: "CAUSAL_LM"}
+
+
+def apply(model, ctx: Context) -> Prepared:
+    from peft import LoraConfig, get_peft_model
+
+    s = ctx.settings
+    config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                        target_modules=list(s.target_modules) if s.target_modules else None,
+                        task_type=TASK_TYPES.get(ctx.objective),
+                        modules_to_save=head_modules(ctx.new_head) or None)
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UsageError(f"LoRA cannot wrap {type(model).__name__}: {first}; set regime.target_modules=[...] to "
+                         "module names of the model") from None
+    targets = sorted(wrapped.peft_config["default"].target_modules)
+    return Prepared(wrapped, note=f"LoRA r={s.lora_r} alpha={s.lora_alpha} on {', '.join(targets)}")
