@@ -17,7 +17,7 @@ from ftk.errors import EXIT_USAGE
 # name -> (module under ftk.recipes, one-line description). A module of None is not built yet.
 COMMANDS: Dict[str, Tuple[Optional[str], str]] = {
     "pretrain": ("ftk.recipes.pretrain", "train a transformer from scratch on unlabeled text (CLM or MLM)"),
-    "finetune": (None, "adapt a pretrained model to a task: full, feature extraction, LoRA, QLoRA, prompt tuning, ..."),
+    "finetune": ("ftk.recipes.finetune", "adapt a pretrained model to a task: full, feature extraction, LoRA, QLoRA, prompt tuning, ..."),
     "evaluate": (None, "perplexity, task accuracy, in-context learning and forgetting of a model or adapter"),
     "merge-adapter": (None, "merge a LoRA adapter into its base and write a standalone Hugging Face model"),
 }
@@ -28,7 +28,9 @@ examples:
   ftk pretrain +recipe=bert-small data.path=corpus/  # masked LM on your text
   ftk pretrain +recipe=gpt-tiny --cfg job            # print the composed config, run nothing
   ftk pretrain -m +recipe=gpt-tiny model=gpt-tiny,llama-tiny   # Hydra multirun: one run per model
-  ftk finetune model.name_or_path=runs/pt/final objective=classification regime=lora data.path=train.jsonl
+  ftk finetune regime=lora                           # newest pretrain run, embedded task
+  ftk finetune model.name_or_path=runs/pt/final regime=lora data.path=train.jsonl data.validation_path=dev.jsonl
+  ftk finetune -m regime=full,feature_extraction,lora,prompt_tuning   # + comparison.md for the sweep
   ftk evaluate model.name_or_path=runs/pt/final data.path=valid.txt
   ftk merge-adapter adapter_path=runs/ft/final output_dir=runs/merged
 

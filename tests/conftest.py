@@ -84,3 +84,50 @@ TINY_BERT = ["model=bert-tiny", "objective=mlm", "model.hidden_size=64", "model.
              "model.num_heads=2", "model.vocab_size=512", "model.max_position_embeddings=128", "hardware=cpu",
              "hardware.precision=fp32", "train.seq_len=64", "train.batch_size=8", "train.warmup_steps=5",
              "train.lr=3e-3", "train.log_every=5", "train.eval_batches=4"]
+
+
+def make_labelled(n: int, seed: int = 0, classes=("apple", "river", "stone")) -> List[dict]:
+    """Records whose label is the one class keyword hidden among common words: learnable in a few steps."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = classes[i % len(classes)]
+        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 14))]
+        words.insert(rng.randint(0, len(words)), label)
+        out.append({"text": " ".join(words), "label": label})
+    return out
+
+
+def write_jsonl(path: Path, records) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """Tiny GPT and BERT pretrained once per test session with `ftk pretrain`: {"gpt": final/, "bert": final/}."""
+    root = tmp_path_factory.mktemp("pretrained")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(make_corpus()):
+        (corpus / f"doc{i:03d}.txt").write_text(doc + "\n")
+    saved = {k: os.environ.get(k) for k in ("FTK_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE")}
+    os.environ.update(FTK_CACHE=str(tmp_path_factory.getbasetemp() / "ftk-cache"),
+                      HF_DATASETS_CACHE=str(tmp_path_factory.getbasetemp() / "hf-datasets"), HF_HUB_OFFLINE="1")
+    try:
+        out = {}
+        for name, args in (("gpt", TINY_GPT), ("bert", TINY_BERT)):
+            run = root / name
+            assert ftk("pretrain", *args, f"data.path={corpus}", "train.max_steps=40",
+                       f"hydra.run.dir={run}") == 0
+            out[name] = run / "final"
+        out["corpus"] = corpus
+        return out
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

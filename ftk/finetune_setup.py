@@ -1,0 +1,217 @@
+"""The steps of `ftk finetune` before the loop: which base, which data, which model with which head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Tuple
+
+from ftk import runs
+from ftk.errors import UsageError
+from ftk.schemas import Objective, Regime
+
+Say = Callable[[str], None]
+
+
+def choose_base(name_or_path: Optional[str]) -> Tuple[str, str]:
+    """(base model, how it was chosen). Unset: the newest finished `ftk pretrain` run under ./runs."""
+    if name_or_path:
+        from ftk.models import check_model_path
+
+        check_model_path(name_or_path)
+        path = Path(name_or_path).expanduser()
+        # An absolute path, so the adapter's base_model_name_or_path loads from any directory.
+        return (str(path.resolve()) if path.exists() else name_or_path), "given"
+    newest = runs.newest_pretrained()
+    if newest is None:
+        raise UsageError("no model given and no finished `ftk pretrain` run under ./runs; run "
+                         "`ftk pretrain +recipe=gpt-tiny` first, or pass model.name_or_path=<model dir or hub name>")
+    return str(newest.resolve()), "the newest pretrain run"
+
+
+def padding_side(objective: Objective, regime: Regime, config: Any) -> str:
+    """Right padding keeps positions exact; but a decoder classifier fed a soft prompt gets inputs_embeds and
+    can no longer find its last real token, so it reads the last position: then pad on the left."""
+    if objective is Objective.classification and regime is Regime.prompt_tuning and not is_encoder(config):
+        return "left"
+    return "right"
+
+
+def is_encoder(config: Any) -> bool:
+    """BERT-like models (a masked-LM head exists for them, a causal one is not their nature)."""
+    from transformers import MODEL_FOR_MASKED_LM_MAPPING
+
+    return type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False) and \
+        config.model_type not in ("llama", "gpt2", "mistral", "qwen2", "gemma")
+
+
+def lm_objective(config: Any) -> Objective:
+    return Objective.mlm if is_encoder(config) else Objective.clm
+
+
+@dataclass
+class TaskData:
+    source: Any                     # ftk.train.Source
+    description: str
+    labels: List[str] = field(default_factory=list)
+    n_train: int = 0
+    n_validation: int = 0
+    append_eos: bool = False
+
+
+def task_data(cfg: Any, objective: Objective, tokenizer: Any, config: Any, say: Say,
+              padding_side: str = "right") -> TaskData:
+    from ftk.data import lm
+    from ftk.data.examples import ExampleSource
+
+    seq_len = cfg.train.seq_len
+    if objective is Objective.classification:
+        from ftk.data.corpus import embedded_task_paths
+        from ftk.data.labelled import load_labelled, tokenize
+
+        defaults = None
+        if cfg.data.path is None:
+            defaults = tuple(str(p) for p in embedded_task_paths(lm.cache_root(cfg.data.cache_dir)))
+        splits = load_labelled(cfg.data, cfg.train.seed, defaults)
+        append_eos = not is_encoder(config) and tokenizer.eos_token_id is not None and \
+            tokenizer.pad_token_id != tokenizer.eos_token_id
+        train = tokenize(splits.train, splits.labels, tokenizer, seq_len, append_eos)
+        validation = tokenize(splits.validation, splits.labels, tokenizer, seq_len, append_eos)
+        say(f"data: {splits.description}: {len(train):,} training / {len(validation):,} validation examples, "
+            f"{len(splits.labels)} classes ({', '.join(splits.labels[:8])}{', ...' if len(splits.labels) > 8 else ''})")
+        return TaskData(ExampleSource(train, validation, tokenizer.pad_token_id, padding_side), splits.description,
+                        splits.labels,
+                        len(train), len(validation), append_eos)
+    if objective is Objective.sft:
+        return _sft_data(cfg, tokenizer, say)
+    from ftk import lm_setup
+    from ftk.data.tokenizer import tokenizer_fingerprint
+    from ftk.train import BlockSource
+
+    splits = lm_setup.load_text(cfg, say)
+    packed = lm_setup.pack(cfg, splits, tokenizer, tokenizer_fingerprint(tokenizer), say)
+    return TaskData(BlockSource(packed.train, packed.validation), splits.description,
+                    n_train=len(packed.train), n_validation=len(packed.validation))
+
+
+def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
+    import numpy as np
+
+    from ftk.data.examples import ExampleSource
+    from ftk.data.instructions import load_instruction_examples
+
+    d = cfg.data
+    if d.path is None:
+        raise UsageError("objective=sft needs instruction data: pass data.path=<.json/.jsonl of instruction, "
+                         "input, output records>")
+    columns = dict(instruction_column=d.instruction_column, input_column=d.input_column,
+                   response_column=d.response_column, hub_config=d.hub_config)
+    train, stats = load_instruction_examples(d.path, tokenizer, cfg.train.seq_len, split=d.split, **columns)
+    if d.max_documents:
+        train = train[: d.max_documents]
+    if d.validation_path:
+        validation, _ = load_instruction_examples(d.validation_path, tokenizer, cfg.train.seq_len,
+                                                  split=d.validation_split or d.split, **columns)
+    else:
+        order = np.random.default_rng(cfg.train.seed).permutation(len(train))
+        n_valid = max(1, int(round(len(train) * d.validation_fraction)))
+        held = set(order[:n_valid].tolist())
+        validation = [e for i, e in enumerate(train) if i in held]
+        train = [e for i, e in enumerate(train) if i not in held]
+    if not train:
+        raise UsageError(f"{d.path}: no instruction record fits train.seq_len={cfg.train.seq_len}; raise it")
+    say(f"data: {d.path}: {len(train):,} training / {len(validation):,} validation instruction examples"
+        + (f" ({stats.get('dropped', 0)} too long, dropped)" if stats.get("dropped") else ""))
+    return TaskData(ExampleSource(train, validation, tokenizer.pad_token_id), d.path, n_train=len(train),
+                    n_validation=len(validation))
+
+
+def load_tokenizer(base: str, trust_remote_code: bool) -> Any:
+    from ftk.data.tokenizer import load_tokenizer as load
+
+    tokenizer = load(base, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:  # e.g. hub GPT-2: pad with end-of-text (the mask keeps it out of the loss)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def auto_class(objective: Objective, encoder: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    if objective is Objective.classification:
+        return AutoModelForSequenceClassification
+    if objective is Objective.mlm or (objective is not Objective.sft and encoder):
+        return AutoModelForMaskedLM
+    return AutoModelForCausalLM
+
+
+def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, tokenizer: Any, labels: List[str],
+                    config: Any) -> Tuple[Any, List[str]]:
+    """The base with the head the objective needs; returns (model, names of freshly initialised parameters)."""
+    encoder = is_encoder(config)
+    if encoder and objective in (Objective.clm, Objective.sft):
+        raise UsageError(f"{base} is an encoder ({config.model_type}) and cannot be trained with "
+                         f"objective={objective.value}; use objective=classification or mlm")
+    if not encoder and objective is Objective.mlm:
+        raise UsageError(f"{base} is a decoder ({config.model_type}) and cannot be trained with objective=mlm; "
+                         "use objective=clm")
+    kwargs: dict = {"trust_remote_code": cfg.model.trust_remote_code, "output_loading_info": True}
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if objective is Objective.classification:
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={name: i for i, name in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
+    cls = auto_class(objective, encoder)
+    try:
+        if regime is Regime.qlora:
+            from ftk.regimes.qlora_base import load_4bit_base
+
+            model, info = load_4bit_base(base, cls, _dtype(cfg.regime.compute_dtype),
+                                         quant_type=cfg.regime.quant_type, **kwargs)
+        else:
+            model, info = cls.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load model '{base}' for objective={objective.value}: {first}") from None
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise UsageError(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding has {vocab:,}; "
+                         "pass the model's own tokenizer (model.tokenizer=...)")
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions and cfg.train.seq_len > positions:
+        raise UsageError(f"train.seq_len={cfg.train.seq_len} is larger than the model's {positions} positions; "
+                         f"use train.seq_len<={positions}")
+    new_head = sorted(set(info.get("missing_keys", [])))
+    if cfg.hardware.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, new_head
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_base_lm(base: str, config: Any, trust_remote_code: bool) -> Any:
+    """The base checkpoint with its language-model head (for forgetting and replay)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cls = AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM
+    return cls.from_pretrained(base, trust_remote_code=trust_remote_code)
+
+
+def general_blocks(path: str, tokenizer: Any, seq_len: int, objective: Objective, limit: Optional[int],
+                   cache_dir: Optional[str]):
+    """General text (file, folder, hub name; None = the embedded corpus) packed into blocks."""
+    from ftk.data import lm, sources
+    from ftk.data.corpus import embedded_corpus_path
+
+    if path is None:
+        path = str(embedded_corpus_path(lm.cache_root(cache_dir)))
+    docs = sources.text_column(sources.load_records(path), "text", path)
+    layout = lm.Layout.for_objective(objective.value, tokenizer)
+    blocks = lm.pack(docs, tokenizer, seq_len, layout)
+    if len(blocks) == 0:
+        raise UsageError(f"{path} holds fewer than train.seq_len={seq_len} tokens; give more general text")
+    return blocks[:limit] if limit else blocks

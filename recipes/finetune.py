@@ -1,0 +1,165 @@
+"""`ftk finetune`: adapt a pretrained model to a task under a regime, measuring what it forgets.
+
+Lifecycle: compose + validate -> base model -> tokenizer -> task data -> model with head -> regime
+-> (base perplexity on general text) -> train loop -> (fine-tuned perplexity) -> final/ -> summary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from ftk import schemas
+from ftk.errors import UsageError, reported
+
+SCHEMA = schemas.FinetuneConfig
+schemas.register()
+
+
+@hydra.main(version_base=None, config_path="pkg://ftk.configs", config_name="finetune")
+@reported
+def main(cfg: DictConfig) -> None:
+    finetune(cfg)
+
+
+def finetune(cfg: DictConfig) -> dict:
+    started = time.time()
+    schemas.validate_finetune(cfg)
+    from ftk import regimes
+    from ftk.schemas import Objective, Regime
+
+    regime, objective = Regime(cfg.regime.name), Objective(cfg.objective.name)
+    regimes.check_fits(regime, objective)
+    if cfg.forgetting.l2sp and regime in regimes.ADAPTERS:
+        raise UsageError(f"forgetting.l2sp has no effect under regime={regime.value}: its pretrained weights are "
+                         "frozen already; drop forgetting.l2sp or pick a regime that trains them")
+
+    from ftk import finetune_setup as setup, forgetting, runs, session as sessions, train
+    from ftk.models import count_parameters
+    from ftk.peak_memory import PeakMemory
+
+    run_dir = runs.output_dir()
+    resume_from = runs.resume_point(run_dir, cfg.train.resume)
+    base, chosen = setup.choose_base(cfg.model.name_or_path)
+    if cfg.train.lr is None:
+        cfg.train.lr = cfg.regime.lr
+    session = sessions.start(cfg, run_dir)
+    say = session.say
+    say(f"base model: {base} ({chosen})")
+
+    from transformers import AutoConfig
+
+    try:
+        base_config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read the config of model '{base}': {str(exc).strip().splitlines()[0]}") from None
+    tokenizer = setup.load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
+    with session.accelerator.main_process_first():
+        data = setup.task_data(cfg, objective, tokenizer, base_config, say,
+                               setup.padding_side(objective, regime, base_config))
+    model, new_head = setup.load_task_model(cfg, base, objective, regime, tokenizer, data.labels, base_config)
+    l2sp = forgetting.L2SP(model, cfg.forgetting.l2sp, new_head) if cfg.forgetting.l2sp else None
+
+    prepared = regimes.apply(regime, model, regimes.Context(cfg.regime, objective, new_head))
+    model = prepared.model
+    trainable, total = count_parameters(model)
+    say(f"regime {regime.value}: {prepared.note}; trainable {trainable:,} of {total:,} parameters "
+        f"({trainable / max(total, 1):.2%}); lr {cfg.train.lr:g}")
+    if resume_from is not None:
+        say(f"resuming from {resume_from}")
+
+    general = None
+    lm_objective = setup.lm_objective(base_config)
+    base_ppl = None
+    if cfg.forgetting.data_path:
+        general = setup.general_blocks(cfg.forgetting.data_path, tokenizer, cfg.train.seq_len, lm_objective,
+                                       cfg.forgetting.max_blocks, cfg.data.cache_dir)
+        base_lm = setup.load_base_lm(base, base_config, cfg.model.trust_remote_code).to(session.accelerator.device)
+        base_ppl = forgetting.perplexity(base_lm, general, lm_objective, session.plan.micro_batch_size,
+                                         session.accelerator.device, tokenizer)
+        del base_lm
+        say(f"forgetting: base model perplexity {base_ppl:.2f} on {len(general)} blocks of "
+            f"{cfg.forgetting.data_path}")
+
+    replay = None
+    if cfg.forgetting.replay_fraction > 0:
+        replay = _replay(cfg, base, base_config, model, objective, lm_objective, tokenizer, session, say)
+
+    with PeakMemory(session.plan.device) as memory:
+        result = train.run(model=model, tokenizer=tokenizer, objective=_objective(cfg, tokenizer),
+                           source=data.source, train_cfg=cfg.train, plan=session.plan,
+                           accelerator=session.accelerator, run_dir=run_dir, resume_from=resume_from,
+                           callbacks=prepared.callbacks, extra_loss=forgetting.combine(replay, l2sp),
+                           lr_multiplier=prepared.lr_multiplier, started_at=started)
+
+    unwrapped = session.accelerator.unwrap_model(model)
+    forgetting_result = {}
+    if general is not None:
+        view = unwrapped if objective in (Objective.clm, Objective.sft, Objective.mlm) else \
+            forgetting.language_view(unwrapped, setup.load_base_lm(base, base_config, cfg.model.trust_remote_code))
+        if hasattr(view, "get_base_model"):  # a soft prompt is the task's; general text is read without it
+            view = view.get_base_model()
+        tuned_ppl = forgetting.perplexity(view.to(session.accelerator.device), general, lm_objective,
+                                          session.plan.micro_batch_size, session.accelerator.device, tokenizer)
+        forgetting_result = {"general_text": cfg.forgetting.data_path, "base_ppl": base_ppl,
+                             "finetuned_ppl": tuned_ppl, "ppl_change": tuned_ppl - base_ppl,
+                             "ppl_ratio": tuned_ppl / base_ppl}
+        say(f"forgetting: perplexity {base_ppl:.2f} -> {tuned_ppl:.2f} ({tuned_ppl / base_ppl:.3f}x)")
+
+    summary = {
+        "regime": regime.value, "objective": objective.value, "base_model": base, "base_chosen": chosen,
+        "parameters": total, "trainable_parameters": trainable, "trainable_share": trainable / max(total, 1),
+        "steps": result.state.step, "tokens_seen": result.state.tokens,
+        "wall_time_s": round(time.time() - started, 2), "train_time_s": round(result.state.elapsed, 2),
+        "tokens_per_s": round(result.tokens_per_s, 1), "first_step_s": result.first_step_s,
+        "peak_memory_bytes": memory.peak, "peak_memory_added_bytes": memory.added,
+        "lr": cfg.train.lr, "labels": data.labels, "data": data.description,
+        "train_examples": data.n_train, "validation_examples": data.n_validation,
+        "best_step": result.state.extra.get("best_step"), "stopped_early": bool(result.state.extra.get("stopped_early")),
+        **{f"final_{k}": v for k, v in result.final_eval.items()},
+        "forgetting": forgetting_result, "adapter": prepared.adapter, "plan": session.plan.as_dict(),
+    }
+    record = {"base_model": base, "regime": regime.value, "objective": objective.value, "labels": data.labels,
+              "adapter": prepared.adapter, "quantized_base": regime is Regime.qlora,
+              "append_eos": data.append_eos, "seq_len": cfg.train.seq_len,
+              "padding_side": setup.padding_side(objective, regime, base_config)}
+    rows = [("regime", regime.value), ("peak memory (added)", f"{memory.added / 2**20:,.0f} MiB")]
+    if forgetting_result:
+        rows.append(("general-text perplexity", f"{base_ppl:.2f} -> {forgetting_result['finetuned_ppl']:.2f}"))
+    sessions.finish(session, run_dir, model, tokenizer, summary, "finetune", extra_json={"ftk_finetune.json": record},
+                    extra_rows=rows)
+    return summary
+
+
+def _objective(cfg: DictConfig, tokenizer):
+    from ftk.objectives import get_objective
+
+    return get_objective(cfg.objective, tokenizer)
+
+
+def _replay(cfg, base, base_config, model, objective, lm_objective, tokenizer, session, say):
+    """LM loss on general (pretraining) text mixed into every step, through the model's own body."""
+    from ftk import finetune_setup as setup, forgetting, runs
+    from ftk.schemas import Objective
+
+    path = cfg.forgetting.replay_path
+    if path is None:
+        known, pretraining = runs.pretraining_data(Path(base))
+        if not known:
+            raise UsageError("forgetting.replay_fraction needs forgetting.replay_path=<general text>: the base "
+                             "model is not an ftk pretrain run, so its pretraining data is unknown")
+        path = pretraining
+    blocks = setup.general_blocks(path, tokenizer, cfg.train.seq_len, lm_objective, None, cfg.data.cache_dir)
+    if objective in (Objective.clm, Objective.sft, Objective.mlm):
+        view = model.get_base_model() if hasattr(model, "get_base_model") else model
+    else:
+        view = forgetting.language_view(model, setup.load_base_lm(base, base_config, cfg.model.trust_remote_code))
+    view.to(session.accelerator.device)
+    fraction = cfg.forgetting.replay_fraction
+    per_step = max(1, round(cfg.train.batch_size * fraction / (1 - fraction)))
+    say(f"replay: {per_step} blocks per step from {path or 'the embedded corpus'} ({len(blocks):,} blocks), "
+        f"weight {fraction / (1 - fraction):.2f}")
+    return forgetting.Replay(view, blocks, per_step, fraction, lm_objective, cfg.train.seed, tokenizer)
