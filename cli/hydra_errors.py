@@ -77,7 +77,22 @@ def refuse_finished_run(overrides: List[str]) -> Optional[str]:
     return None
 
 
+def bracket_lists(overrides: List[str], list_keys) -> List[str]:
+    """`eval.shots=0,1,8` is a list for keys that hold one (Hydra would read it as a sweep and refuse it
+    outside --multirun); in a multirun the user's commas keep their sweep meaning."""
+    if any(o in ("-m", "--multirun") for o in overrides):
+        return overrides
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key in list_keys and "," in value and not value.startswith("["):
+            o = f"{key}=[{value}]"
+        out.append(o)
+    return out
+
+
 def run_recipe(recipe: ModuleType, name: str, overrides: List[str]) -> int:
+    overrides = bracket_lists(overrides, getattr(recipe, "LIST_KEYS", ()))
     refusal = refuse_finished_run(overrides)
     if refusal:
         print(f"ftk {name}: error: {refusal}", file=sys.stderr)

@@ -1,0 +1,54 @@
+"""Typed schema of `ftk evaluate` (its own module so that the subcommands' schemas evolve apart)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from ftk.schemas import DataConfig, HardwareConfig, ModelConfig
+
+
+class EvalKind(str, Enum):
+    auto = "auto"                  # from the model: classifier -> classification, LM -> perplexity
+    perplexity = "perplexity"      # causal LM: sliding-window perplexity; masked LM: masked-token loss/accuracy
+    classification = "classification"
+    icl = "icl"                    # in-context learning: k-shot prompts, answer by verbalizer log-likelihood
+
+
+@dataclass
+class EvalConfig:
+    kind: EvalKind = EvalKind.auto
+    context: Optional[int] = None     # perplexity window; null = the model's positions (at most 1024)
+    stride: Optional[int] = None      # tokens the window advances; null = context // 2. Each token is scored
+                                      # once, with at least context - stride tokens before it
+    batch_size: int = 8               # windows / examples per forward; never changes a result
+    max_tokens: Optional[int] = None  # evaluate only the first N tokens of the text
+    pseudo_perplexity: bool = False   # masked LM: also mask each token in turn (one forward per token)
+    seed: int = 0                     # masking draws, shot draws
+    shots: List[int] = field(default_factory=lambda: [0, 1, 8])  # icl: k per row of the table
+    num_test: int = 200               # icl: test examples (the same for every k)
+    template: str = "{text}\nAnswer: {label}"  # icl: one example; shots are joined by a blank line
+    verbalizers: Optional[List[str]] = None    # icl: the word for each label (sorted label order); null = names
+    max_examples: Optional[int] = None         # classification: evaluate only the first N examples
+
+
+@dataclass
+class EvaluateConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    adapter_path: Optional[str] = None  # a PEFT adapter (final/ of a LoRA / prompt-tuning finetune run)
+    compare_to: Optional[str] = None    # a second model: both perplexities on the same text, and the change
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from ftk import schemas
+
+    schemas.register()
+    cs = ConfigStore.instance()
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(group="eval", name="schema", node=EvalConfig)
