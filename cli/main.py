@@ -18,8 +18,8 @@ from ftk.errors import EXIT_USAGE
 COMMANDS: Dict[str, Tuple[Optional[str], str]] = {
     "pretrain": ("ftk.recipes.pretrain", "train a transformer from scratch on unlabeled text (CLM or MLM)"),
     "finetune": ("ftk.recipes.finetune", "adapt a pretrained model to a task: full, feature extraction, LoRA, QLoRA, prompt tuning, ..."),
-    "evaluate": (None, "perplexity, task accuracy, in-context learning and forgetting of a model or adapter"),
-    "merge-adapter": (None, "merge a LoRA adapter into its base and write a standalone Hugging Face model"),
+    "evaluate": ("ftk.recipes.evaluate", "perplexity, task accuracy, in-context learning and forgetting of a model or adapter"),
+    "merge-adapter": ("ftk.recipes.merge_adapter", "merge a LoRA adapter into its base and write a standalone Hugging Face model"),
 }
 
 EXAMPLES = """\
