@@ -63,3 +63,25 @@ def test_schema_rejects_what_types_cannot():
         schemas.validate(cfg)
     with pytest.raises(schemas.UsageError, match="mask_replace_prob"):
         schemas.validate(_compose(["model=bert-tiny", "objective=mlm", "objective.mask_replace_prob=0.95"]))
+
+
+def _compose_primary(name, overrides):
+    from ftk.evaluation import schema as eval_schema
+
+    eval_schema.register()
+    with initialize_config_module(config_module="ftk.configs", version_base=None):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("regime", "objective", "train") for o in options(g)])
+def test_every_finetune_option_composes_and_validates(group, option):
+    cfg = _compose_primary("finetune", [f"{group}={option}"])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    schemas.validate_finetune(cfg)
+
+
+@pytest.mark.parametrize("option", options("eval"))
+def test_every_evaluate_option_composes(option):
+    cfg = _compose_primary("evaluate", [f"eval={option}"])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert cfg.eval.kind.value == option
