@@ -76,7 +76,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry() -> None:  # console-script target that exits with main's code
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `ftk --help | head`: the reader left; exit quietly like other Unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":
