@@ -97,3 +97,54 @@ def test_resume_auto_continues_a_finished_run_to_more_steps(data_args, tmp_path)
                f"hydra.run.dir={run}") == 0
     assert sorted(losses(run)) == list(range(1, 10))
     assert json.loads((run / "summary.json").read_text())["steps"] == 9
+
+
+@pytest.mark.parametrize("regime", ["lora", "gradual_unfreeze"])
+def test_finetune_preempted_and_resumed_gives_the_uninterrupted_losses(regime, pretrained, tmp_path):
+    from tests.conftest import make_labelled, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_labelled(96, seed=1))
+    dev = write_jsonl(tmp_path / "dev.jsonl", make_labelled(30, seed=2))
+    args = [f"model.name_or_path={pretrained['gpt']}", f"regime={regime}", "regime.unfreeze_every=3",
+            "regime.lora_dropout=0.1", "hardware=cpu", "hardware.precision=fp32", "hardware.num_threads=1",
+            "train.batch_size=8", "train.seq_len=64", "train.max_steps=16", "train.log_every=1", "train.eval_every=8",
+            "train.save_every=2", f"data.path={train}", f"data.validation_path={dev}"]
+    reference = tmp_path / "reference"
+    assert ftk("finetune", *args, f"hydra.run.dir={reference}") == 0
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ftk.cli.main", "finetune", *args, f"hydra.run.dir={run}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, proc, 5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert ftk("finetune", *args, "train.resume=auto", f"hydra.run.dir={run}") == 0
+    assert losses(run) == losses(reference)
+    assert json.loads((run / "summary.json").read_text())["final_eval_accuracy"] == \
+        json.loads((reference / "summary.json").read_text())["final_eval_accuracy"]
+
+
+def test_kills_during_saves_never_leave_a_broken_newest_checkpoint(data_args, tmp_path):
+    """save_every=1 makes saving a large share of the run, so random SIGKILLs land inside saves."""
+    from ftk import checkpoint
+
+    run = tmp_path / "run"
+    extra = ["train.save_every=1", "train.keep_last=2", "train.resume=auto"]
+    rng = random.Random()
+    for attempt in range(4):
+        proc = start(run, TINY_GPT, *data_args, *extra)
+        if attempt == 0:
+            wait_for_step(run, proc, 2)
+        time.sleep(rng.uniform(0.2, 1.5))
+        proc.kill()
+        proc.wait()
+        newest = checkpoint.latest(run / "checkpoints")
+        if newest is None:
+            continue
+        state = checkpoint.load_state(newest)  # every file of the newest complete checkpoint loads
+        assert (newest / "model" / "model.safetensors").is_file()
+        checkpoint.load_tensors(newest / "optimizer.pt")
+        checkpoint.load_tensors(newest / "scheduler.pt")
+        assert newest.name == f"step-{state.step:07d}"
+    assert ftk("pretrain", *TINY_GPT, *data_args, *ARGS, *extra, f"hydra.run.dir={run}") == 0
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))
