@@ -307,3 +307,34 @@ def validate_finetune(cfg: Any) -> None:
     _require(0.0 <= f.replay_fraction < 1.0, f"forgetting.replay_fraction must be in [0, 1), got {f.replay_fraction}")
     _require(f.l2sp >= 0.0, f"forgetting.l2sp must be >= 0, got {f.l2sp}")
     _require(f.max_blocks > 0, f"forgetting.max_blocks must be positive, got {f.max_blocks}")
+
+
+@dataclass
+class MergeModelConfig:
+    """`ftk merge-adapter model.name_or_path=...`: the base to merge into, when not the adapter's own."""
+
+    name_or_path: Optional[str] = None  # null: base_model_name_or_path of the adapter's adapter_config.json
+    trust_remote_code: bool = False     # never run code from a model repo unless you opt in
+
+
+@dataclass
+class MergeConfig:
+    """`ftk merge-adapter`: a LoRA/QLoRA adapter merged into its base, written as a standalone HF model."""
+
+    adapter_path: Optional[str] = None  # a finetune run's final/ (adapter_config.json); null = the newest one
+    output_dir: Optional[str] = None    # null: <adapter run dir>/merged
+    model: MergeModelConfig = field(default_factory=MergeModelConfig)
+    dtype: str = "fp32"                 # weights of the merged model: fp32 | bf16 | fp16
+    tolerance: Optional[float] = None   # max |logit difference| merged vs base+adapter; null = 1e-4 (fp32),
+                                        # 1e-2 (bf16/fp16)
+    overwrite: bool = False             # replace a non-empty output_dir
+    probe_batches: int = 2              # batches of seeded random token ids the merged model is checked on
+    probe_len: int = 32                 # tokens per probe sequence (capped by the model's positions)
+    seed: int = 0                       # seeds the probe inputs
+
+
+def register_merge() -> None:
+    """Put MergeConfig in Hydra's ConfigStore as `merge_schema` (named first in configs/merge-adapter.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="merge_schema", node=MergeConfig)
