@@ -172,6 +172,8 @@ class HardwareConfig:
     compile: Optional[bool] = None          # torch.compile the model; None = on for runs long enough to pay off
     strategy: Strategy = Strategy.auto
     num_threads: Optional[int] = None       # CPU threads for torch; None = torch's default (all cores)
+    memory_budget_gb: Optional[float] = None  # per device; None = detected (GPU memory, or 80% of RAM on CPU)
+    check_memory: bool = True               # run the memory planner before loading and stop if the run cannot fit
 
 
 @dataclass
