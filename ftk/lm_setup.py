@@ -15,6 +15,30 @@ from ftk.schemas import Family, Objective
 Say = Callable[[str], None]
 
 
+def check_pretrained(cfg: Any) -> None:
+    """Before any data work: a given model must be a model, and its positions must hold train.seq_len
+    (reads config.json only)."""
+    m = cfg.model
+    if not m.name_or_path:
+        return
+    from ftk.models import check_model_path
+
+    check_model_path(m.name_or_path)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot read the config of model '{m.name_or_path}': {first}") from None
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions and config.model_type == "roberta":
+        positions -= 2
+    if positions and cfg.train.seq_len > positions:
+        raise UsageError(f"train.seq_len={cfg.train.seq_len} is larger than the model's {positions} positions; "
+                         f"use train.seq_len<={positions}")
+
+
 def load_text(cfg: Any, say: Say) -> lm.TextSplits:
     splits = lm.load_splits(cfg.data, cfg.train.seed)
     held = "given" if cfg.data.validation_path or cfg.data.validation_split else "held out"

@@ -30,6 +30,7 @@ def pretrain(cfg: DictConfig) -> dict:
     from ftk import lm_setup, runs, session as sessions, train
     from ftk.models import count_parameters
 
+    lm_setup.check_pretrained(cfg)
     run_dir = runs.output_dir()
     resume_from = runs.resume_point(run_dir, cfg.train.resume)
     session = sessions.start(cfg, run_dir)
