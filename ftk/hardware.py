@@ -80,6 +80,9 @@ def resolve(hw: Any, batch_size: int, max_steps: int) -> Plan:
     strategy = Strategy(hw.strategy)
     if strategy is Strategy.auto:
         strategy = Strategy.ddp if world > 1 else Strategy.none
+    if strategy is Strategy.none and world > 1:
+        raise UsageError(f"hardware.strategy=none but {world} processes were launched; use hardware.strategy=ddp "
+                         "(or auto), or launch one process")
     return Plan(device.value, precision.value, world, micro, per_process // micro, optimizer.value,
                 bool(compile_), strategy.value)
 
