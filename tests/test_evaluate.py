@@ -125,3 +125,23 @@ def test_bad_input_is_one_line_and_exit_2(args, message, pretrained, tmp_path, c
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("ftk evaluate:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def test_full_classifier_is_evaluated_as_a_classifier_and_through_its_language_view(pretrained, text_file,
+                                                                                  tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", make_labelled(60, seed=1))
+    test = write_jsonl(tmp_path / "test.jsonl", make_labelled(15, seed=2))
+    ft = tmp_path / "ft"
+    assert ftk("finetune", f"model.name_or_path={pretrained['gpt']}", *CPU, "regime=feature_extraction",
+               "train.max_steps=4", "train.batch_size=8", "train.seq_len=64", "train.save_every=0",
+               f"data.path={train}", f"data.validation_path={test}", f"hydra.run.dir={ft}") == 0
+    c = evaluate(tmp_path, f"model.name_or_path={ft / 'final'}", f"data.path={test}", name="cls")
+    assert c["kind"] == "classification"  # auto: the model has a classification head
+    assert c["classification"]["accuracy"] == pytest.approx(
+        json.loads((ft / "summary.json").read_text())["final_eval_accuracy"])
+    # its body is frozen, so read through the base's LM head it is exactly the base language model
+    view = evaluate(tmp_path, f"model.name_or_path={ft / 'final'}", "eval=perplexity", f"data.path={text_file}",
+                    "eval.context=64", name="view")["causal"]["perplexity"]
+    base = evaluate(tmp_path, f"model.name_or_path={pretrained['gpt']}", "eval=perplexity", f"data.path={text_file}",
+                    "eval.context=64", name="base")["causal"]["perplexity"]
+    assert view == pytest.approx(base, rel=1e-6)
