@@ -90,6 +90,12 @@ def test_same_config_same_losses(corpus_dir, tmp_path):
                    "model.dropout=0.1", f"hydra.run.dir={tmp_path / name}") == 0
         runs.append([r["loss"] for r in metrics(tmp_path / name) if "loss" in r])
     assert runs[0] == runs[1] and len(runs[0]) == 10
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same final weights, bit for bit
+    env = json.loads((tmp_path / "a" / "environment.json").read_text())
+    assert all(env["packages"][p] for p in ("torch", "transformers", "ftk")) and "ftk_git_commit" in env
 
 
 def test_second_run_reuses_tokenized_data(corpus_dir, tmp_path, capsys, monkeypatch):
