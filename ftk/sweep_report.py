@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 
 from hydra.experimental.callback import Callback
 
-COLUMNS = ("run", "regime", "trainable", "peak memory", "wall time", "task metric", "forgetting")
+COLUMNS = ("run", "regime", "trainable", "peak RSS", "added in training", "wall time", "task metric", "forgetting")
 
 
 def rows(sweep: Path) -> List[Dict[str, Any]]:
@@ -31,7 +31,8 @@ def rows(sweep: Path) -> List[Dict[str, Any]]:
         out.append({
             "run": str(summary_file.parent.relative_to(sweep)), "regime": s.get("regime", "?"),
             "trainable": f"{s['trainable_parameters']:,} ({s['trainable_share']:.2%})",
-            "peak memory": f"{s['peak_memory_added_bytes'] / 2**20:,.0f} MiB",
+            "peak RSS": f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB",
+            "added in training": f"{s['peak_memory_added_bytes'] / 2**20:,.0f} MiB",
             "wall time": f"{s['wall_time_s']:.0f}s", "task metric": metric, "forgetting": forgot,
             "summary": s,
         })
@@ -44,17 +45,27 @@ def markdown(table: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+NOTE = ("peak RSS: the process's peak resident set during training (CUDA: peak allocated); added in training: "
+        "above the level at its start. Jobs of one `-m` sweep share a process: later jobs reuse memory earlier ones "
+        "freed, so compare 'added' across jobs, or run one process per job (scripts/experiment_finetune_regimes.py).")
+
+
+def write_comparison(sweep: Path) -> str:
+    """comparison.md and comparison.json for every run under `sweep`; returns the markdown."""
+    table = rows(sweep)
+    text = "# Fine-tuning sweep\n\n" + NOTE + "\n\n" + markdown(table)
+    (sweep / "comparison.md").write_text(text)
+    (sweep / "comparison.json").write_text(json.dumps(table, indent=2, default=str))
+    return text
+
+
 class SweepComparison(Callback):
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
         table = rows(sweep)
         if not table:
             return
-        (sweep / "comparison.md").write_text(
-            "# Fine-tuning sweep\n\npeak memory: added over the job's start (CPU: resident set; CUDA: allocated)."
-            "\n\n" + markdown(table))
-        (sweep / "comparison.json").write_text(json.dumps([{k: v for k, v in r.items()} for r in table], indent=2,
-                                                          default=str))
+        write_comparison(sweep)
         from rich.console import Console
         from rich.table import Table
 

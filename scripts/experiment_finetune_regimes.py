@@ -6,8 +6,10 @@
     python scripts/experiment_finetune_regimes.py --steps 100 --out bench-out/quick-regimes
 
 It converts SST-2's "label sentence" lines into jsonl under --out (the data stays in ../shared),
-runs one `ftk finetune -m regime=...` sweep through the real CLI, and prints the sweep's
-comparison table: regime, trainable parameters, peak memory, wall time, dev accuracy, forgetting.
+runs `ftk finetune` once per regime through the real CLI, each in its own process so that peak
+memory (the process's resident set) and wall time are not charged with what an earlier job left
+behind, into one sweep folder, and writes and prints the same comparison table a `-m` sweep writes:
+regime, trainable parameters, peak memory, wall time, dev accuracy, forgetting.
 """
 
 from __future__ import annotations
@@ -54,17 +56,23 @@ def main() -> int:
     train = sst2_to_jsonl(args.sst2 / "stsa.binary.train", args.out / "sst2-train.jsonl")
     dev = sst2_to_jsonl(args.sst2 / "stsa.binary.dev", args.out / "sst2-dev.jsonl")
     sweep = args.out / "sweep"
-    cmd = [sys.executable, "-m", "ftk.cli.main", "finetune", "-m", f"regime={args.regimes}",
-           f"model.name_or_path={args.base}", f"data.path={train}", f"data.validation_path={dev}",
-           f"forgetting.data_path={args.general}", "forgetting.max_blocks=64", f"train.max_steps={args.steps}",
-           "train.batch_size=32", "train.seq_len=128", f"train.eval_every={args.steps // 4}", "train.save_every=0",
-           f"hydra.sweep.dir={sweep}", *args.overrides]
-    print("$ " + " ".join(cmd[2:]).replace("ftk.cli.main", "ftk"), flush=True)
-    done = subprocess.run(cmd)
-    table = sweep / "comparison.md"
-    if table.exists():
-        print(table.read_text())
-    return done.returncode
+    common = [f"model.name_or_path={args.base}", f"data.path={train}", f"data.validation_path={dev}",
+              f"forgetting.data_path={args.general}", "forgetting.max_blocks=64", f"train.max_steps={args.steps}",
+              "train.batch_size=32", "train.seq_len=128", f"train.eval_every={args.steps // 4}", "train.save_every=0",
+              *args.overrides]
+    for i, regime in enumerate(args.regimes.split(",")):
+        run = sweep / f"{i}_regime={regime}"
+        if (run / "summary.json").exists():
+            continue  # done in an earlier invocation
+        cmd = [sys.executable, "-m", "ftk.cli.main", "finetune", f"regime={regime}", *common, f"hydra.run.dir={run}"]
+        print("$ " + " ".join(cmd[2:]).replace("ftk.cli.main", "ftk"), flush=True)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
+            return done.returncode
+    from ftk.sweep_report import write_comparison
+
+    print(write_comparison(sweep))
+    return 0
 
 
 if __name__ == "__main__":
