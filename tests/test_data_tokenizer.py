@@ -130,3 +130,15 @@ def test_load_tokenizer_sets_pad_to_eos(trained, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path).pad_token is None
     tok = load_tokenizer(str(tmp_path))
     assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == tok.eos_token_id
+
+
+def test_packing_is_not_truncated_by_an_earlier_truncating_call(trained):
+    """A tokenizer call with truncation=True leaves the Rust backend truncating; packing must not inherit it."""
+    from ftk.data import lm
+
+    trained = trained[Family.gpt2]
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 50)
+    before = lm.pack([text], trained, 16, lm.Layout.for_objective("clm", trained))
+    trained([text], truncation=True, max_length=8)
+    after = lm.pack([text], trained, 16, lm.Layout.for_objective("clm", trained))
+    assert len(before) > 10 and (after == before).all()

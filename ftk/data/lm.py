@@ -8,6 +8,7 @@ tokenizer never reuses another's tokens.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -109,6 +110,12 @@ def pack(texts: List[str], tokenizer: Any, seq_len: int, layout: Layout) -> np.n
     dtype = np.uint16 if len(tokenizer) < 2**16 else np.int32
     pieces: List[np.ndarray] = []
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # A transformers call with truncation=True (e.g. tokenizing classification examples) leaves truncation
+        # switched on in the shared Rust tokenizer; a copy with it off packs whole documents, whatever came before.
+        backend = copy.deepcopy(backend)
+        backend.no_truncation()
+        backend.no_padding()
     for start in range(0, len(texts), 1000):
         batch = texts[start:start + 1000]
         if backend is not None:  # the Rust tokenizer encodes a batch in parallel, without length warnings
