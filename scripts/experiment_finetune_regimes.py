@@ -61,7 +61,7 @@ def main() -> int:
               "train.batch_size=32", "train.seq_len=128", f"train.eval_every={args.steps // 4}", "train.save_every=0",
               *args.overrides]
     for i, regime in enumerate(args.regimes.split(",")):
-        run = sweep / f"{i}_regime={regime}"
+        run = sweep / f"{i}-{regime}"  # (no "=" in the name: Hydra would parse it as an override)
         if (run / "summary.json").exists():
             continue  # done in an earlier invocation
         cmd = [sys.executable, "-m", "ftk.cli.main", "finetune", f"regime={regime}", *common, f"hydra.run.dir={run}"]
