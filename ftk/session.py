@@ -34,7 +34,10 @@ def start(cfg: Any, run_dir: Path) -> Session:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=plan.device == "cpu", mixed_precision=ACCELERATE_PRECISION[plan.precision])
+    # torch.compile through accelerate: prepare() wraps the model; inductor caches compiled kernels on disk,
+    # so a second run of the same shapes compiles much faster. The plan turns it on only where it pays off.
+    accelerator = Accelerator(cpu=plan.device == "cpu", mixed_precision=ACCELERATE_PRECISION[plan.precision],
+                              dynamo_backend="inductor" if plan.compile else "no")
     set_seed(cfg.train.seed)  # model initialisation; the loop reseeds per step
     from rich.console import Console
 
