@@ -260,14 +260,9 @@ def _load_model(job: Dict[str, Any], side: str):
 
 
 def _counts(model):
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
+    from ftk.models import count_parameters
+
+    return count_parameters(model)
 
 
 def _ftk_run(job: Dict[str, Any], model) -> Dict[str, Any]:

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sst2 import to_jsonl  # scripts/sst2.py (a script's own folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 SWEEP = REPO / "bench-out" / "finetune-regimes" / "sweep"
@@ -34,16 +36,6 @@ def ftk_evaluate(out: Path, name: str, *overrides: str) -> dict:
         if done.returncode != 0:
             raise SystemExit(done.stderr[-2000:])
     return json.loads((run / "metrics.json").read_text())
-
-
-def sst2_jsonl(source: Path, target: Path) -> Path:
-    names = {"0": "negative", "1": "positive"}
-    with open(source, encoding="utf-8", errors="replace") as lines, open(target, "w") as out:
-        for line in lines:
-            label, _, text = line.strip().partition(" ")
-            if text:
-                out.write(json.dumps({"text": text, "label": names[label]}) + "\n")
-    return target
 
 
 def main() -> int:
@@ -64,8 +56,8 @@ def main() -> int:
                   file=sys.stderr)
             return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    train = sst2_jsonl(args.data / "sst2" / "stsa.binary.train", args.out / "sst2-train.jsonl")
-    test = sst2_jsonl(args.data / "sst2" / "stsa.binary.test", args.out / "sst2-test.jsonl")
+    train = to_jsonl(args.data / "sst2" / "stsa.binary.train", args.out / "sst2-train.jsonl")
+    test = to_jsonl(args.data / "sst2" / "stsa.binary.test", args.out / "sst2-test.jsonl")
     wikitext = args.data / "wikitext-2" / "valid.txt"
 
     rows = []

@@ -20,19 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sst2 import to_jsonl  # scripts/sst2.py (a script's own folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 REGIMES = "full,feature_extraction,lora,qlora,prompt_tuning,freeze_layers,gradual_unfreeze,head_then_full"
-
-
-def sst2_to_jsonl(source: Path, target: Path) -> Path:
-    names = {"0": "negative", "1": "positive"}
-    with open(source, encoding="utf-8", errors="replace") as lines, open(target, "w") as out:
-        for line in lines:
-            label, _, text = line.strip().partition(" ")
-            if text:
-                out.write(json.dumps({"text": text, "label": names[label]}) + "\n")
-    return target
 
 
 def main() -> int:
@@ -53,8 +45,8 @@ def main() -> int:
             print(f"error: {path} not found; pass {hint}", file=sys.stderr)
             return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    train = sst2_to_jsonl(args.sst2 / "stsa.binary.train", args.out / "sst2-train.jsonl")
-    dev = sst2_to_jsonl(args.sst2 / "stsa.binary.dev", args.out / "sst2-dev.jsonl")
+    train = to_jsonl(args.sst2 / "stsa.binary.train", args.out / "sst2-train.jsonl")
+    dev = to_jsonl(args.sst2 / "stsa.binary.dev", args.out / "sst2-dev.jsonl")
     sweep = args.out / "sweep"
     common = [f"model.name_or_path={args.base}", f"data.path={train}", f"data.validation_path={dev}",
               f"forgetting.data_path={args.general}", "forgetting.max_blocks=64", f"train.max_steps={args.steps}",

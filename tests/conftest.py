@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -105,6 +106,25 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
+ISOLATED = ("FTK_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE")
+
+
+@contextlib.contextmanager
+def isolated_environment(tmp_path_factory):
+    """What `_isolated_cache` sets, for module/session fixtures (which cannot use monkeypatch)."""
+    saved = {k: os.environ.get(k) for k in ISOLATED}
+    os.environ.update(FTK_CACHE=str(tmp_path_factory.getbasetemp() / "ftk-cache"),
+                      HF_DATASETS_CACHE=str(tmp_path_factory.getbasetemp() / "hf-datasets"), HF_HUB_OFFLINE="1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
     """Tiny GPT and BERT pretrained once per test session with `ftk pretrain`: {"gpt": final/, "bert": final/}."""
@@ -113,10 +133,7 @@ def pretrained(tmp_path_factory):
     corpus.mkdir()
     for i, doc in enumerate(make_corpus()):
         (corpus / f"doc{i:03d}.txt").write_text(doc + "\n")
-    saved = {k: os.environ.get(k) for k in ("FTK_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE")}
-    os.environ.update(FTK_CACHE=str(tmp_path_factory.getbasetemp() / "ftk-cache"),
-                      HF_DATASETS_CACHE=str(tmp_path_factory.getbasetemp() / "hf-datasets"), HF_HUB_OFFLINE="1")
-    try:
+    with isolated_environment(tmp_path_factory):
         out = {}
         for name, args in (("gpt", TINY_GPT), ("bert", TINY_BERT)):
             run = root / name
@@ -125,9 +142,3 @@ def pretrained(tmp_path_factory):
             out[name] = run / "final"
         out["corpus"] = corpus
         return out
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

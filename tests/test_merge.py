@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ftk, make_labelled, write_jsonl
+from tests.conftest import ftk, isolated_environment, make_labelled, write_jsonl
 
 FAST = ["hardware=cpu", "hardware.precision=fp32", "train.batch_size=8", "train.seq_len=64", "train.max_steps=4",
         "train.save_every=0", "hardware.num_threads=1"]
@@ -31,10 +31,7 @@ def adapters(pretrained, tmp_path_factory):
     dev = write_jsonl(root / "dev.jsonl", make_labelled(12, seed=2))
     task = [f"data.path={train}", f"data.validation_path={dev}"]
     base = f"model.name_or_path={pretrained['gpt']}"
-    saved = {k: os.environ.get(k) for k in ("FTK_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE")}
-    os.environ.update(FTK_CACHE=str(tmp_path_factory.getbasetemp() / "ftk-cache"),
-                      HF_DATASETS_CACHE=str(tmp_path_factory.getbasetemp() / "hf-datasets"), HF_HUB_OFFLINE="1")
-    try:
+    with isolated_environment(tmp_path_factory):
         runs = {}
         for name, args in (("cls", ["regime=lora", *task]),
                            ("clm", ["regime=lora", "objective=clm", f"data.path={pretrained['corpus']}"]),
@@ -44,12 +41,6 @@ def adapters(pretrained, tmp_path_factory):
             assert ftk("finetune", base, *FAST, *args, f"hydra.run.dir={run}") == 0, name
             runs[name] = run
         return runs
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def merge(*args: str) -> int:
