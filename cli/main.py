@@ -20,6 +20,7 @@ COMMANDS: Dict[str, Tuple[Optional[str], str]] = {
     "finetune": ("ftk.recipes.finetune", "adapt a pretrained model to a task: full, feature extraction, LoRA, QLoRA, prompt tuning, ..."),
     "evaluate": ("ftk.recipes.evaluate", "perplexity, task accuracy, in-context learning and forgetting of a model or adapter"),
     "merge-adapter": ("ftk.recipes.merge_adapter", "merge a LoRA adapter into its base and write a standalone Hugging Face model"),
+    "estimate": ("ftk.recipes.estimate", "memory per device of a run (weights, gradients, optimizer, activations): fits or not, and what would"),
 }
 
 EXAMPLES = """\
@@ -33,6 +34,7 @@ examples:
   ftk finetune -m regime=full,feature_extraction,lora,prompt_tuning   # + comparison.md for the sweep
   ftk evaluate model.name_or_path=runs/pt/final data.path=valid.txt
   ftk merge-adapter adapter_path=runs/ft/final output_dir=runs/merged
+  ftk estimate model.name_or_path=meta-llama/Llama-2-7b-hf regime=qlora hardware=gpu-24gb   # will it fit?
 
 Every subcommand takes Hydra overrides (key=value, group=option, +recipe=NAME) and Hydra flags
 (-m/--multirun, --cfg job, --info). `ftk SUBCOMMAND --help` shows its config groups."""
