@@ -146,7 +146,7 @@ def auto_class(objective: Objective, encoder: bool):
 
 
 def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, tokenizer: Any, labels: List[str],
-                    config: Any) -> Tuple[Any, List[str]]:
+                    config: Any, precision: str = "fp32") -> Tuple[Any, List[str]]:
     """The base with the head the objective needs; returns (model, names of freshly initialised parameters)."""
     encoder = is_encoder(config)
     if encoder and objective in (Objective.clm, Objective.sft):
@@ -169,7 +169,7 @@ def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, t
             model, info = load_4bit_base(base, cls, _dtype(cfg.regime.compute_dtype),
                                          quant_type=cfg.regime.quant_type, **kwargs)
         else:
-            model, info = cls.from_pretrained(base, **kwargs)
+            model, info = cls.from_pretrained(base, dtype=weights_dtype(regime, precision), **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot load model '{base}' for objective={objective.value}: {first}") from None
@@ -185,6 +185,27 @@ def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, t
     if cfg.hardware.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, new_head
+
+
+def weights_dtype(regime: Regime, precision: str):
+    """float32 whatever the checkpoint's dtype (transformers 5 would keep a float16 hub checkpoint in float16):
+    AdamW needs float32 weights and moments, and bf16/fp16 precision is autocast on top. Except a base that
+    stays frozen under adapters (LoRA, prompt tuning): with bf16/fp16 it is held in that dtype, half the
+    memory; what trains is cast back to float32 after the regime is applied (see `trainable_in_float32`)."""
+    import torch
+
+    if regime in (Regime.lora, Regime.prompt_tuning) and precision in ("bf16", "fp16"):
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.float32
+
+
+def trainable_in_float32(model: Any) -> None:
+    """Adapters, soft prompts and new heads train in float32 even on a 16-bit frozen base."""
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _dtype(name: str):

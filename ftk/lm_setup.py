@@ -93,8 +93,10 @@ def model_for(cfg: Any, tokenizer: Any, resume_from: Optional[Path], say: Say) -
 
     m, objective = cfg.model, Objective(cfg.objective.name)
     if m.name_or_path:
+        import torch
+
         model = load_model(m.name_or_path, objective, attn_implementation=m.attn_implementation,
-                           trust_remote_code=m.trust_remote_code)
+                           trust_remote_code=m.trust_remote_code, dtype=torch.float32)  # float32 master weights
     else:
         model = build_model(m, objective, tokenizer)
     positions = getattr(model.config, "max_position_embeddings", None)

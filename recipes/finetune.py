@@ -56,15 +56,22 @@ def finetune(cfg: DictConfig) -> dict:
         base_config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read the config of model '{base}': {str(exc).strip().splitlines()[0]}") from None
+    from ftk import memory
+
+    if session.plan.device == "cpu":
+        memory.release_freed_cpu_memory()  # freed tensors go back to the OS: the resident size tracks the plan
+    memory.check_before_launch(cfg, base_config, say, plan=session.plan)  # stops (exit 2) when it cannot fit
     tokenizer = setup.load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
     with session.accelerator.main_process_first():
         data = setup.task_data(cfg, objective, tokenizer, base_config, say,
                                setup.padding_side(objective, regime, base_config))
-    model, new_head = setup.load_task_model(cfg, base, objective, regime, tokenizer, data.labels, base_config)
+    model, new_head = setup.load_task_model(cfg, base, objective, regime, tokenizer, data.labels, base_config,
+                                            session.plan.precision)
     l2sp = forgetting.L2SP(model, cfg.forgetting.l2sp, new_head) if cfg.forgetting.l2sp else None
 
     prepared = regimes.apply(regime, model, regimes.Context(cfg.regime, objective, new_head))
     model = prepared.model
+    setup.trainable_in_float32(model)
     trainable, total = count_parameters(model)
     say(f"regime {regime.value}: {prepared.note}; trainable {trainable:,} of {total:,} parameters "
         f"({trainable / max(total, 1):.2%}); lr {cfg.train.lr:g}")

@@ -35,6 +35,11 @@ def pretrain(cfg: DictConfig) -> dict:
     resume_from = runs.resume_point(run_dir, cfg.train.resume)
     session = sessions.start(cfg, run_dir)
     say = session.say
+    from ftk import memory
+
+    if session.plan.device == "cpu":
+        memory.release_freed_cpu_memory()  # freed tensors go back to the OS: the resident size tracks the plan
+    memory.check_before_launch(cfg, None, say, plan=session.plan)  # stops (exit 2) when the run cannot fit
     objective_name = cfg.objective.name.value
 
     with session.accelerator.main_process_first():  # rank 0 fills the caches, the others then read them
