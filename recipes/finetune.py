@@ -62,9 +62,9 @@ def finetune(cfg: DictConfig) -> dict:
         memory.release_freed_cpu_memory()  # freed tensors go back to the OS: the resident size tracks the plan
     memory.check_before_launch(cfg, base_config, say, plan=session.plan)  # stops (exit 2) when it cannot fit
     tokenizer = setup.load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
+    padding_side = setup.padding_side(objective, regime, base_config)
     with session.accelerator.main_process_first():
-        data = setup.task_data(cfg, objective, tokenizer, base_config, say,
-                               setup.padding_side(objective, regime, base_config))
+        data = setup.task_data(cfg, objective, tokenizer, base_config, say, padding_side)
     model, new_head = setup.load_task_model(cfg, base, objective, regime, tokenizer, data.labels, base_config,
                                             session.plan.precision)
     l2sp = forgetting.L2SP(model, cfg.forgetting.l2sp, new_head) if cfg.forgetting.l2sp else None
@@ -132,7 +132,7 @@ def finetune(cfg: DictConfig) -> dict:
     record = {"base_model": base, "regime": regime.value, "objective": objective.value, "labels": data.labels,
               "adapter": prepared.adapter, "quantized_base": regime is Regime.qlora,
               "append_eos": data.append_eos, "seq_len": cfg.train.seq_len,
-              "padding_side": setup.padding_side(objective, regime, base_config)}
+              "padding_side": padding_side}
     rows = [("regime", regime.value), ("peak memory (added)", f"{memory.added / 2**20:,.0f} MiB")]
     if forgetting_result:
         rows.append(("general-text perplexity", f"{base_ppl:.2f} -> {forgetting_result['finetuned_ppl']:.2f}"))

@@ -140,9 +140,7 @@ def language_model(target: Target, cfg: Any, tokenizer_from: Optional[Target] = 
         base = target.record.get("base_model") or target.model_path
         lm = forgetting.language_view(body_model, lm_cls.from_pretrained(base))
         return lm.eval(), tokenizer
-    model = _with_adapter(_load(lm_cls, target, cfg), target)
-    if hasattr(model, "get_base_model") and target.record.get("regime") == "prompt_tuning":
-        pass  # a causal soft prompt is part of the model: PeftModel prepends it
+    model = _with_adapter(_load(lm_cls, target, cfg), target)  # a causal soft prompt is prepended by peft
     return model.eval(), tokenizer
 
 
