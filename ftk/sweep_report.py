@@ -30,7 +30,9 @@ def rows(sweep: Path) -> List[Dict[str, Any]]:
                   if f.get("base_ppl") else "not measured (forgetting.data_path)")
         out.append({
             "run": str(summary_file.parent.relative_to(sweep)), "regime": s.get("regime", "?"),
-            "trainable": f"{s['trainable_parameters']:,} ({s['trainable_share']:.2%})",
+            "trainable": f"{s['trainable_parameters']:,} ({s['trainable_share']:.2%})" + (
+                f" -> {s['trainable_parameters_end']:,} ({s['trainable_parameters_end'] / s['parameters']:.0%})"
+                if s.get("trainable_parameters_end", s["trainable_parameters"]) != s["trainable_parameters"] else ""),
             "peak RSS": f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB",
             "added in training": f"{s['peak_memory_added_bytes'] / 2**20:,.0f} MiB",
             "wall time": f"{s['wall_time_s']:.0f}s", "task metric": metric, "forgetting": forgot,

@@ -103,12 +103,15 @@ def finetune(cfg: DictConfig) -> dict:
                            lr_multiplier=prepared.lr_multiplier, started_at=started)
 
     unwrapped = session.accelerator.unwrap_model(model)
+    trainable_end, _ = count_parameters(unwrapped)  # gradual_unfreeze / head_then_full end with more than they start
     forgetting_result = {}
     if general is not None:
         view = unwrapped if objective in (Objective.clm, Objective.sft, Objective.mlm) else \
             forgetting.language_view(unwrapped, setup.load_base_lm(base, base_config, cfg.model.trust_remote_code))
         if hasattr(view, "get_base_model"):  # a soft prompt is the task's; general text is read without it
             view = view.get_base_model()
+        if regime is not Regime.qlora:  # compare in float32 like the base, so bf16 rounding of a frozen base
+            view.float()                # does not pass for forgetting (QLoRA's 4-bit error is part of its figure)
         tuned_ppl = forgetting.perplexity(view.to(session.accelerator.device), general, lm_objective,
                                           session.plan.micro_batch_size, session.accelerator.device, tokenizer)
         forgetting_result = {"general_text": cfg.forgetting.data_path, "base_ppl": base_ppl,
@@ -119,6 +122,7 @@ def finetune(cfg: DictConfig) -> dict:
     summary = {
         "regime": regime.value, "objective": objective.value, "base_model": base, "base_chosen": chosen,
         "parameters": total, "trainable_parameters": trainable, "trainable_share": trainable / max(total, 1),
+        "trainable_parameters_end": trainable_end,
         "steps": result.state.step, "tokens_seen": result.state.tokens,
         "wall_time_s": round(time.time() - started, 2), "train_time_s": round(result.state.elapsed, 2),
         "tokens_per_s": round(result.tokens_per_s, 1), "first_step_s": result.first_step_s,
