@@ -49,7 +49,7 @@ def main() -> int:
     args = ap.parse_args()
     finetuned = args.finetuned
     if finetuned is None:
-        finetuned = [p / "final" for p in sorted(SWEEP.glob("*regime=full,*")) + sorted(SWEEP.glob("*regime=lora,*"))]
+        finetuned = [p / "final" for p in sorted(SWEEP.glob("*-full")) + sorted(SWEEP.glob("*-lora"))]
     for path in [args.base, *finetuned]:
         if not path.exists():
             print(f"error: {path} not found; run the pretrain/finetune experiments first or pass --base/--finetuned",
