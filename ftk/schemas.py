@@ -216,12 +216,9 @@ class PretrainConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+class FinetuneConfig(PretrainConfig):
+    """Pretrain's groups, plus how much trains (regime) and what must survive (forgetting)."""
+
     regime: RegimeConfig = field(default_factory=RegimeConfig)
     forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
 
