@@ -178,7 +178,9 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
         if sched.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(sched["scaler"])
 
-    stream = BlockStream(source.n_train, t.seed)
+    # A source may order its own stream (ExampleSource groups examples by length, aligned on micro-batches).
+    stream = source.stream(t.seed, plan.micro_batch_size) if hasattr(source, "stream") else \
+        BlockStream(source.n_train, t.seed)
     per_process = plan.micro_batch_size * plan.grad_accum
     global_batch = per_process * world
     log = MetricsLog(run_dir / "metrics.jsonl", main, state.step if resume_from is not None else None)

@@ -1,7 +1,8 @@
 """Labelled examples (classification, SFT) as a source the training loop can address by index.
 
 Examples are tokenized once into lists of ids; a batch pads only to its own longest example
-(dynamic padding), so short examples cost no compute on padding the batch does not need.
+(dynamic padding), and training batches are drawn from examples of similar length (length grouping, on by
+default), so little compute goes to padding.
 """
 
 from __future__ import annotations
@@ -44,11 +45,25 @@ def collate(examples: Sequence[Example], pad_id: int, padding_side: str = "right
 
 
 class ExampleSource:
-    """Training and validation examples served as padded batches (see ftk.train.Source)."""
+    """Training and validation examples served as padded batches (see ftk.train.Source).
 
-    def __init__(self, train: List[Example], validation: List[Example], pad_id: int, padding_side: str = "right"):
+    `stream(seed, micro_batch_size)` is the order the loop reads training examples in: with `group_by_length`
+    (the default) a LengthGroupedStream, so a micro-batch holds examples of similar length; otherwise (or with
+    one example per micro-batch, where there is no padding to save) the uniform BlockStream.
+    """
+
+    def __init__(self, train: List[Example], validation: List[Example], pad_id: int, padding_side: str = "right",
+                 group_by_length: bool = True):
         self.train, self.validation, self.pad_id, self.padding_side = train, validation, pad_id, padding_side
         self.n_train = len(train)
+        self.group_by_length = group_by_length
+
+    def stream(self, seed: int, micro_batch_size: int) -> Any:
+        from ftk.data.sampler import BlockStream, LengthGroupedStream
+
+        if not self.group_by_length or micro_batch_size <= 1:
+            return BlockStream(self.n_train, seed)
+        return LengthGroupedStream([len(e.input_ids) for e in self.train], seed, micro_batch_size)
 
     def train_batch(self, indices: np.ndarray) -> Dict[str, torch.Tensor]:
         return collate([self.train[i] for i in indices], self.pad_id, self.padding_side)
