@@ -57,6 +57,7 @@ class TaskData:
     n_train: int = 0
     n_validation: int = 0
     append_eos: bool = False
+    test: Optional[Any] = None      # data.test_path as a source whose validation batches are the test set
 
 
 def task_data(cfg: Any, objective: Objective, tokenizer: Any, config: Any, say: Say,
@@ -67,7 +68,7 @@ def task_data(cfg: Any, objective: Objective, tokenizer: Any, config: Any, say: 
     seq_len = cfg.train.seq_len
     if objective is Objective.classification:
         from ftk.data.corpus import embedded_task_paths
-        from ftk.data.labelled import load_labelled, tokenize
+        from ftk.data.labelled import load_labelled, load_test, tokenize
 
         defaults = None
         if cfg.data.path is None:
@@ -77,11 +78,15 @@ def task_data(cfg: Any, objective: Objective, tokenizer: Any, config: Any, say: 
             tokenizer.pad_token_id != tokenizer.eos_token_id
         train = tokenize(splits.train, splits.labels, tokenizer, seq_len, append_eos)
         validation = tokenize(splits.validation, splits.labels, tokenizer, seq_len, append_eos)
-        say(f"data: {splits.description}: {len(train):,} training / {len(validation):,} validation examples, "
+        test = None
+        if cfg.data.test_path:  # read now, so a bad test file stops the run before training, not after
+            test_examples = tokenize(load_test(cfg.data, splits.labels), splits.labels, tokenizer, seq_len, append_eos)
+            test = ExampleSource([], test_examples, tokenizer.pad_token_id, padding_side)
+        say(f"data: {splits.description}: {len(train):,} training / {len(validation):,} validation"
+            + (f" / {len(test.validation):,} test" if test else "") + " examples, "
             f"{len(splits.labels)} classes ({', '.join(splits.labels[:8])}{', ...' if len(splits.labels) > 8 else ''})")
         return TaskData(ExampleSource(train, validation, tokenizer.pad_token_id, padding_side), splits.description,
-                        splits.labels,
-                        len(train), len(validation), append_eos)
+                        splits.labels, len(train), len(validation), append_eos, test)
     if objective is Objective.sft:
         return _sft_data(cfg, tokenizer, say)
     from ftk import lm_setup
@@ -182,9 +187,18 @@ def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, t
         raise UsageError(f"train.seq_len={cfg.train.seq_len} is larger than the model's {positions} positions; "
                          f"use train.seq_len<={positions}")
     new_head = sorted(set(info.get("missing_keys", [])))
+    if cfg.model.random_init:
+        reinitialise(model)
     if cfg.hardware.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, new_head
+
+
+def reinitialise(model: Any) -> None:
+    """Every weight drawn afresh by the architecture's own initialiser: the same model, config, head and
+    tokenizer as the pretrained arm, minus what pretraining learned. Seeded: session.start set train.seed."""
+    fresh = type(model)(model.config)
+    model.load_state_dict(fresh.state_dict())  # copies into the loaded dtype (bf16 under adapters)
 
 
 def weights_dtype(regime: Regime, precision: str):

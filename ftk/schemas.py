@@ -103,6 +103,8 @@ class ModelConfig:
     tokenizer: Optional[str] = None          # reuse this tokenizer (dir or hub name) instead of training one
     attn_implementation: str = "sdpa"        # sdpa (fused, default) | eager | flash_attention_2 (CUDA)
     trust_remote_code: bool = False          # never run code from a model repo unless you opt in
+    random_init: bool = False                # finetune: the base's architecture and tokenizer with freshly
+                                             # initialised weights (seeded): the from-scratch control arm
 
 
 @dataclass
@@ -130,6 +132,10 @@ class DataConfig:
     split: str = "train"                   # hub datasets only: split to train on
     validation_split: Optional[str] = None  # hub datasets only: split to validate on (e.g. validation)
     max_documents: Optional[int] = None    # use only the first N documents (quick experiments)
+    train_examples: Optional[int] = None   # finetune classification: a seeded (train.seed), class-stratified
+                                           # sample of N training records, for learning curves; null = all
+    test_path: Optional[str] = None        # finetune classification: a test file scored once, with the final
+                                           # (or best) model, after training: test_accuracy in summary.json
     cache_dir: Optional[str] = None        # tokenized-data cache; unset = $FTK_CACHE or ~/.cache/ftk
 
 
@@ -306,6 +312,20 @@ def validate_finetune(cfg: Any) -> None:
     _require(0.0 <= f.replay_fraction < 1.0, f"forgetting.replay_fraction must be in [0, 1), got {f.replay_fraction}")
     _require(f.l2sp >= 0.0, f"forgetting.l2sp must be >= 0, got {f.l2sp}")
     _require(f.max_blocks > 0, f"forgetting.max_blocks must be positive, got {f.max_blocks}")
+    d = cfg.data
+    _require(d.train_examples is None or d.train_examples > 0,
+             f"data.train_examples must be positive (or null for all), got {d.train_examples}")
+    classification = Objective(cfg.objective.name) is Objective.classification
+    for key in ("train_examples", "test_path"):
+        _require(getattr(d, key) is None or classification,
+                 f"data.{key} applies to objective=classification only; drop it, or score other objectives "
+                 "with `ftk evaluate`")
+    if cfg.model.random_init:
+        _require(not (f.data_path or f.replay_fraction or f.l2sp),
+                 "model.random_init=true has no pretrained knowledge to forget or keep; drop forgetting.data_path, "
+                 "forgetting.replay_fraction and forgetting.l2sp for the from-scratch arm")
+        _require(Regime(r.name) is not Regime.qlora,
+                 "model.random_init=true with regime=qlora would quantize random weights; use regime=lora")
 
 
 @dataclass

@@ -19,7 +19,9 @@ def rows(sweep: Path) -> List[Dict[str, Any]]:
     out = []
     for summary_file in sorted(sweep.rglob("summary.json"), key=lambda p: str(p.parent.relative_to(sweep))):
         s = json.loads(summary_file.read_text())
-        if "final_eval_accuracy" in s:
+        if "test_accuracy" in s:
+            metric = f"test accuracy {s['test_accuracy']:.2%} (validation {s['final_eval_accuracy']:.2%})"
+        elif "final_eval_accuracy" in s:
             metric = f"accuracy {s['final_eval_accuracy']:.2%}"
         elif "final_eval_ppl" in s:
             metric = f"perplexity {s['final_eval_ppl']:.2f}"
@@ -27,7 +29,8 @@ def rows(sweep: Path) -> List[Dict[str, Any]]:
             metric = "-"
         f = s.get("forgetting") or {}
         forgot = (f"ppl {f['base_ppl']:.1f} -> {f['finetuned_ppl']:.1f} ({f['ppl_ratio']:.2f}x)"
-                  if f.get("base_ppl") else "not measured (forgetting.data_path)")
+                  if f.get("base_ppl") else "none to forget (random init)" if s.get("init") == "random"
+                  else "not measured (forgetting.data_path)")
         out.append({
             "run": str(summary_file.parent.relative_to(sweep)), "regime": s.get("regime", "?"),
             "trainable": f"{s['trainable_parameters']:,} ({s['trainable_share']:.2%})" + (

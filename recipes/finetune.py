@@ -48,7 +48,8 @@ def finetune(cfg: DictConfig) -> dict:
         cfg.train.lr = cfg.regime.lr
     session = sessions.start(cfg, run_dir)
     say = session.say
-    say(f"base model: {base} ({chosen})")
+    say(f"base model: {base} ({chosen})" + ("; weights re-initialised (model.random_init=true)"
+                                              if cfg.model.random_init else ""))
 
     from transformers import AutoConfig
 
@@ -119,8 +120,19 @@ def finetune(cfg: DictConfig) -> dict:
                              "ppl_ratio": tuned_ppl / base_ppl}
         say(f"forgetting: perplexity {base_ppl:.2f} -> {tuned_ppl:.2f} ({tuned_ppl / base_ppl:.3f}x)")
 
+    test_result = {}
+    if data.test is not None:
+        from ftk.train import evaluate
+
+        scores = evaluate(model, _objective(cfg, tokenizer), data.test, session.plan.micro_batch_size, 0,
+                          cfg.train.seed, session.accelerator)
+        test_result = {"test_loss": scores["eval_loss"], "test_accuracy": scores["eval_accuracy"],
+                       "test_examples": len(data.test.validation)}
+        say(f"test: accuracy {scores['eval_accuracy']:.2%} on {len(data.test.validation):,} examples of "
+            f"{cfg.data.test_path}")
+
     summary = {
-        "regime": regime.value, "objective": objective.value, "base_model": base, "base_chosen": chosen,
+        "regime": regime.value, "init": "random" if cfg.model.random_init else "pretrained", "objective": objective.value, "base_model": base, "base_chosen": chosen,
         "parameters": total, "trainable_parameters": trainable, "trainable_share": trainable / max(total, 1),
         "trainable_parameters_end": trainable_end,
         "steps": result.state.step, "tokens_seen": result.state.tokens,
@@ -130,14 +142,18 @@ def finetune(cfg: DictConfig) -> dict:
         "lr": cfg.train.lr, "labels": data.labels, "data": data.description,
         "train_examples": data.n_train, "validation_examples": data.n_validation,
         "best_step": result.state.extra.get("best_step"), "stopped_early": bool(result.state.extra.get("stopped_early")),
-        **{f"final_{k}": v for k, v in result.final_eval.items()},
+        **{f"final_{k}": v for k, v in result.final_eval.items()}, **test_result,
         "forgetting": forgetting_result, "adapter": prepared.adapter, "plan": session.plan.as_dict(),
     }
-    record = {"base_model": base, "regime": regime.value, "objective": objective.value, "labels": data.labels,
+    record = {"base_model": base, "init": summary["init"], "regime": regime.value, "objective": objective.value,
+              "labels": data.labels,
               "adapter": prepared.adapter, "quantized_base": regime is Regime.qlora,
               "append_eos": data.append_eos, "seq_len": cfg.train.seq_len,
               "padding_side": padding_side}
-    rows = [("regime", regime.value), ("peak memory (added)", f"{memory.added / 2**20:,.0f} MiB")]
+    rows = [("regime", regime.value + (" (from random initialisation)" if cfg.model.random_init else "")),
+            ("peak memory (added)", f"{memory.added / 2**20:,.0f} MiB")]
+    if test_result:
+        rows.append(("test accuracy", f"{test_result['test_accuracy']:.2%}"))
     if forgetting_result:
         rows.append(("general-text perplexity", f"{base_ppl:.2f} -> {forgetting_result['finetuned_ppl']:.2f}"))
     sessions.finish(session, run_dir, model, tokenizer, summary, "finetune", extra_json={"ftk_finetune.json": record},

@@ -230,6 +230,10 @@ def test_regime_sweep_writes_one_comparison_table(pretrained, task, tmp_path, ca
     (["objective=clm", "regime=head_then_full"], "trains a new task head"),
     (["objective=sft", "data.path=null"], "objective=sft needs instruction data"),
     (["regime=lora", "forgetting.l2sp=1.0"], "forgetting.l2sp has no effect"),
+    (["data.train_examples=5000"], "is more than the 96 training records"),
+    (["data.test_path={unseen}"], "that the training data never has"),
+    (["model.random_init=true", "forgetting.data_path={unseen}"], "no pretrained knowledge to forget"),
+    (["objective=sft", "data.train_examples=10"], "applies to objective=classification only"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, pretrained, task, tmp_path, capsys):
     unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": "a b c", "label": "banana"}])

@@ -59,7 +59,14 @@ def load_labelled(data: Any, seed: int, default_paths: Optional[Tuple[str, str]]
         validation = _records(data, path, data.validation_split)
     else:
         train, validation = _hold_out(train, data.validation_fraction, seed)
-    labels = sorted({label for _, label in train}, key=_label_order)
+    labels = sorted({label for _, label in train}, key=_label_order)  # before sampling: every class keeps its id
+    if data.train_examples:
+        if data.train_examples > len(train):
+            raise UsageError(f"data.train_examples={data.train_examples} is more than the {len(train):,} training "
+                             "records; pass a smaller number, or data.train_examples=null for all of them")
+        total = len(train)
+        train = stratified_sample(train, data.train_examples, seed)
+        description = f"{description} ({len(train):,} of {total:,} training records, stratified, seed {seed})"
     unseen = sorted({label for _, label in validation} - set(labels), key=_label_order)
     if unseen:
         raise UsageError(f"the validation data has label(s) {', '.join(map(repr, unseen[:5]))} that the training "
@@ -70,12 +77,46 @@ def load_labelled(data: Any, seed: int, default_paths: Optional[Tuple[str, str]]
     return LabelledSplits(train, validation, labels, description)
 
 
+def load_test(data: Any, labels: List[str]) -> List[Tuple[str, str]]:
+    """data.test_path's records; a class the training data never had cannot be predicted, so it stops here."""
+    test = _records(data, data.test_path, data.validation_split or data.split)
+    unseen = sorted({label for _, label in test} - set(labels), key=_label_order)
+    if unseen:
+        raise UsageError(f"data.test_path={data.test_path} has label(s) {', '.join(map(repr, unseen[:5]))} that the "
+                         f"training data never has (training labels: {', '.join(map(repr, labels[:10]))}); fix the "
+                         "labels or the files")
+    return test
+
+
 def _label_order(label: str):
     """Numbers in numeric order ("2" before "10"), then names alphabetically."""
     try:
         return (0, float(label), "")
     except ValueError:
         return (1, 0.0, label)
+
+
+def stratified_sample(records: List[Tuple[str, str]], n: int, seed: int) -> List[Tuple[str, str]]:
+    """n records keeping the classes' shares (largest remainders; every class at least one when n allows),
+    drawn with `seed`. One seeded order per class, cut at its count: a larger n keeps the smaller n's records
+    (nested samples make a learning curve's points differ by data added, not by a new draw)."""
+    rng = np.random.default_rng(seed)
+    by_label: Dict[str, List[int]] = {}
+    for i, (_, label) in enumerate(records):
+        by_label.setdefault(label, []).append(i)
+    names = sorted(by_label, key=_label_order)
+    exact = np.array([n * len(by_label[name]) / len(records) for name in names])
+    counts = np.floor(exact).astype(int)
+    if n >= len(names):
+        counts = np.maximum(counts, 1)
+    while counts.sum() > n:  # the minimum of one per class overshot: take back from the largest classes
+        counts[int(np.argmax(counts - exact))] -= 1
+    for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    chosen = []
+    for name, count in zip(names, counts):
+        chosen += rng.permutation(by_label[name])[:count].tolist()
+    return [records[i] for i in sorted(chosen)]
 
 
 def _hold_out(records: List[Tuple[str, str]], fraction: float, seed: int):
