@@ -6,7 +6,8 @@ ones are pruned only after that rename. No RNG state is stored: the loop reseeds
 (seed, step, rank), so dropout and masking after a resume match the uninterrupted run. Layout:
 
     step-000200/model/            Hugging Face format (or a PEFT adapter) + tokenizer: plain transformers loads it
-    step-000200/optimizer.pt      optimizer state (loaded with torch.load(weights_only=True))
+    step-000200/optimizer.pt      optimizer state (loaded with torch.load(weights_only=True)); under FSDP the
+                                  full state, keyed by parameter name, gathered from every shard
     step-000200/scheduler.pt      scheduler and grad-scaler state
     step-000200/trainer_state.json  step, data-stream position, tokens seen, elapsed time (written last)
 """
@@ -65,8 +66,12 @@ def _fsync_tree(root: Path) -> None:
 
 
 def save(checkpoints: Path, state: TrainState, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
-         scaler: Any, keep_last: int, extra_files: Optional[Dict[str, Any]] = None) -> Path:
-    """Write a complete checkpoint atomically and prune older ones; returns its directory."""
+         scaler: Any, keep_last: int, extra_files: Optional[Dict[str, Any]] = None,
+         gathered: Optional["Gathered"] = None) -> Path:
+    """Write a complete checkpoint atomically and prune older ones; returns its directory.
+
+    `gathered`: under FSDP, the full model and optimizer state collected by `gather` (the model and optimizer
+    themselves hold only this rank's shards)."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"step-{state.step:07d}"
     tmp = checkpoints / f".tmp-step-{state.step:07d}"
@@ -74,10 +79,11 @@ def save(checkpoints: Path, state: TrainState, model: Any, tokenizer: Any, optim
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        model.save_pretrained(tmp / "model", safe_serialization=True,
+                              **({"state_dict": gathered.model} if gathered else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(gathered.optimizer if gathered else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "scheduler.pt")
         for name, obj in (extra_files or {}).items():
@@ -107,6 +113,59 @@ def save_weights(model: Any, target: Path) -> None:
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Gathered:
+    """Full (unsharded) state of an FSDP model and its optimizer, on rank 0's CPU."""
+
+    model: Dict[str, Any]
+    optimizer: Dict[str, Any]
+
+
+def sharded(accelerator: Any) -> bool:
+    """True when parameters are FSDP shards: saving and loading them are collectives over every rank."""
+    return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def gather(accelerator: Any, model: Any, optimizer: Any = None) -> Optional[Gathered]:
+    """Under FSDP, the full model state dict and optimizer state (keyed by parameter name), gathered to rank
+    0's CPU memory; None otherwise. Every rank must call it (it is a collective); only rank 0 gets tensors."""
+    if not sharded(accelerator):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    weights = accelerator.get_state_dict(model)  # full_state_dict, cpu_offload: rank 0 holds it, the others {}
+    # Gathering gives tied parameters (lm_head = embeddings) separate copies; keep the first name only, as
+    # save_pretrained does for an unsharded model, so final/ is the same file with or without FSDP.
+    first: Dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            weights.pop(name, None)
+    optim = {}
+    if optimizer is not None:
+        optim = get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer),
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return Gathered(weights, optim)
+
+
+def load_optimizer(accelerator: Any, model: Any, optimizer: Any, path: Path) -> None:
+    """Restore optimizer state written by `save`: plain, or (under FSDP) full by parameter name, which every
+    rank reads and keeps its own shard of; so an FSDP run resumes on any number of processes."""
+    state = load_tensors(path)
+    by_name = bool(state.get("param_groups")) and any(
+        isinstance(p, str) for group in state["param_groups"] for p in group["params"])
+    if by_name != sharded(accelerator):
+        written = "with" if by_name else "without"
+        raise UsageError(f"checkpoint {path.parent} was written {written} hardware.strategy=fsdp; resume it "
+                         f"{written} FSDP too")
+    if not by_name:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def load_state(path: Path) -> TrainState:

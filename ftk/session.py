@@ -3,11 +3,13 @@ environment; save final/, write summary.json and print the closing table."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ftk import hardware, runs
+from ftk.errors import UsageError
 from ftk.hardware import Plan
 
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -34,10 +36,22 @@ def start(cfg: Any, run_dir: Path) -> Session:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
+    plan, fsdp_plugin, note = _fsdp(plan)
+    if fsdp_plugin is not None:
+        _check_fsdp_fits(cfg)
+    # Accelerator(fsdp_plugin=...) sets ACCELERATE_USE_FSDP=true for the whole process; a multirun sweep's next
+    # job must still see only what the user launched with, so the variable is put back afterwards.
+    launched_env = os.environ.get("ACCELERATE_USE_FSDP")
     # torch.compile through accelerate: prepare() wraps the model; inductor caches compiled kernels on disk,
     # so a second run of the same shapes compiles much faster. The plan turns it on only where it pays off.
     accelerator = Accelerator(cpu=plan.device == "cpu", mixed_precision=ACCELERATE_PRECISION[plan.precision],
-                              dynamo_backend="inductor" if plan.compile else "no")
+                              dynamo_backend="inductor" if plan.compile else "no", fsdp_plugin=fsdp_plugin)
+    if launched_env is None:
+        os.environ.pop("ACCELERATE_USE_FSDP", None)
+    else:
+        os.environ["ACCELERATE_USE_FSDP"] = launched_env
+    if fsdp_plugin is not None and plan.device == "cpu":
+        _fsdp_on_cpu(accelerator, fsdp_plugin)
     set_seed(cfg.train.seed)  # model initialisation; the loop reseeds per step
     from rich.console import Console
 
@@ -47,10 +61,92 @@ def start(cfg: Any, run_dir: Path) -> Session:
         if accelerator.is_main_process:
             console.print(text)
 
+    if note:
+        say(note)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.write_json(run_dir / "environment.json", {**runs.environment(), "plan": plan.as_dict()})
     return Session(plan, accelerator, say)
+
+
+def _fsdp(plan: Plan) -> Tuple[Plan, Any, Optional[str]]:
+    """The FSDP plugin for a plan with strategy=fsdp (None otherwise), the plan as it will really run, and a
+    note for the user.
+
+    FSDP2 (`fully_shard`, per-parameter DTensor shards) rather than FSDP1: it keeps the original parameters,
+    so frozen and trainable ones (LoRA, prompt tuning, freeze_layers) can share a block without
+    FSDP1's use_orig_params caveats, and it runs on a CPU mesh with gloo, which is how it is tested."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # `accelerate launch --use_fsdp ...`: the user's FSDP settings come from the environment; keep them,
+        # but record what runs and refuse FSDP1, whose checkpoints ftk does not gather.
+        if int(os.environ.get("FSDP_VERSION", "1")) != 2:
+            raise UsageError("accelerate launch --use_fsdp defaults to FSDP1, which ftk does not support; add "
+                             "--fsdp_version 2, or launch with torchrun and hardware=multi-gpu-fsdp")
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        return replace(plan, strategy="fsdp"), FullyShardedDataParallelPlugin(), None  # read from the environment
+    if plan.strategy != "fsdp":
+        return plan, None, None
+    if plan.world_size == 1:
+        # Nothing to shard over: FSDP with one process would only add gathers. The memory planner has already
+        # checked that the whole training state fits this one device.
+        return replace(plan, strategy="none"), None, (
+            "hardware.strategy=fsdp with one process: nothing to shard, running unsharded (launch several "
+            "processes with torchrun or accelerate launch to shard)")
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        # One FSDP unit per transformer block (the model's `_no_split_modules`: GPT2Block, LlamaDecoderLayer,
+        # BertLayer, ...): a block's weights are gathered only while it computes; accelerate puts the
+        # embeddings and the final norm + head in units of their own.
+        auto_wrap_policy="transformer_based_wrap",
+        reshard_after_forward=True,  # free gathered weights after each block's forward: the memory FSDP is for
+        # ftk gathers full state dicts itself (final/ and checkpoints in Hugging Face format, optimizer state
+        # by parameter name); accelerate's save_state, which this setting is for, is not used.
+        state_dict_type="FULL_STATE_DICT",
+        # Activation checkpointing stays the model's own (hardware.gradient_checkpointing ->
+        # gradient_checkpointing_enable): accelerate's FSDP2 wrapper recomputes without restoring the RNG
+        # state, so dropout would draw different masks in the recomputation than in the forward.
+        activation_checkpointing=False,
+        # Every process loads the model before it is sharded (ftk builds or loads it before prepare), so host
+        # RAM must hold one copy per process; rank-0-only loading would need transformers' meta-device path.
+        cpu_ram_efficient_loading=False,
+        cpu_offload=False,
+    )
+    return plan, plugin, None
+
+
+def _check_fsdp_fits(cfg: Any) -> None:
+    """What the sharded loop does not do yet, refused before anything is loaded."""
+    regime = getattr(getattr(cfg, "regime", None), "name", None)  # finetune only; an Enum there
+    regime = getattr(regime, "value", regime)
+    if regime in ("gradual_unfreeze", "head_then_full"):
+        # FSDP2 fixes each block's trainable set when it first gathers it; unfreezing later is not seen.
+        raise UsageError(f"regime={regime} unfreezes layers during training, which hardware.strategy=fsdp does not "
+                         "support; use hardware.strategy=ddp, or regime=full / freeze_layers / lora")
+    if getattr(cfg.train, "early_stopping_patience", 0):
+        raise UsageError("train.early_stopping_patience is not supported with hardware.strategy=fsdp yet; set "
+                         "train.early_stopping_patience=0, or use hardware.strategy=ddp")
+
+
+def _fsdp_on_cpu(accelerator: Any, plugin: Any) -> None:
+    """accelerate turns FSDP on only for GPU-like backends and silently runs plain multi-CPU data parallel
+    otherwise; FSDP2's fully_shard works on a CPU device mesh over gloo, so switch it on here (the
+    process group and the collectives accelerate uses stay those of the multi-CPU setup)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if state.distributed_type is DistributedType.FSDP:
+        return
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    # Both shared states: every later AcceleratorState() copies PartialState's fields over its own (accelerate
+    # itself writes FSDP into both on GPUs).
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary: Dict[str, Any], title: str,
@@ -59,6 +155,11 @@ def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary:
     """Write final/ (Hugging Face format, or a PEFT adapter) and the summary; rank 0 only."""
     accelerator = session.accelerator
     accelerator.wait_for_everyone()
+    from ftk import checkpoint
+
+    # Under FSDP every rank holds a shard: gather the full weights to rank 0 (a collective, so before the
+    # others return), and final/ is the same plain Hugging Face checkpoint as without FSDP.
+    gathered = checkpoint.gather(accelerator, model)
     if not accelerator.is_main_process:
         return
     import shutil
@@ -66,7 +167,8 @@ def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary:
     final = run_dir / "final"
     tmp = run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-    accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+    accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True,
+                                                    **({"state_dict": gathered.model} if gathered else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for name, content in (extra_json or {}).items():

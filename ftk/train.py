@@ -128,9 +128,13 @@ def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit:
     was_training = model.training
     model.eval()
     total = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, count, correct
+    world, rank = accelerator.num_processes, accelerator.process_index
+    seen, mine, first = 0, 0, None
     for i, batch in enumerate(source.validation_batches(batch_size, limit)):
-        if i % accelerator.num_processes != accelerator.process_index:
+        seen, first = i + 1, batch if first is None else first
+        if i % world != rank:
             continue
+        mine += 1
         inputs = _inputs(objective, batch, step_seed(seed, i, 0, stream=1), accelerator.device)
         if hasattr(objective, "eval_sums"):  # task objectives also count correct predictions
             sums = objective.eval_sums(model, inputs)
@@ -140,6 +144,11 @@ def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit:
             loss_sum, count = objective.loss(model, inputs)
             total += torch.stack([loss_sum.double(), count.double().to(loss_sum.device),
                                   torch.zeros((), dtype=torch.float64, device=loss_sum.device)]).to(total.device)
+    if checkpoint.sharded(accelerator) and first is not None:
+        # FSDP gathers each block's weights with every rank, so all ranks must run the same number of forwards:
+        # a rank that had one batch fewer repeats the first one and drops the result.
+        for _ in range(-(-seen // world) - mine):
+            objective.loss(model, _inputs(objective, first, step_seed(seed, 0, 0, stream=1), accelerator.device))
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     loss = (total[0] / total[1].clamp(min=1)).item()
@@ -170,9 +179,11 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
 
     optimizer = build_optimizer(model, t, plan.optimizer, plan.device)
     scheduler = build_scheduler(optimizer, t, lr_multiplier)
+    # Under FSDP, prepare() shards the model (weights loaded above, on every rank, are cut into shards) and
+    # points the optimizer at the shards; its state is then restored shard by shard.
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume_from is not None:
-        optimizer.load_state_dict(checkpoint.load_tensors(resume_from / "optimizer.pt"))
+        checkpoint.load_optimizer(accelerator, model, optimizer, resume_from / "optimizer.pt")
         sched = checkpoint.load_tensors(resume_from / "scheduler.pt")
         scheduler.load_state_dict(sched["scheduler"])
         if sched.get("scaler") is not None and accelerator.scaler is not None:
@@ -193,9 +204,10 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
 
     def save() -> Path:
         path = None
+        gathered = checkpoint.gather(accelerator, model, optimizer)  # FSDP: every rank sends its shards
         if main:
             path = checkpoint.save(checkpoints_dir, state, unwrapped, tokenizer, optimizer, scheduler,
-                                   accelerator.scaler, t.keep_last)
+                                   accelerator.scaler, t.keep_last, gathered=gathered)
         accelerator.wait_for_everyone()
         return path or checkpoint.latest(checkpoints_dir) or checkpoints_dir
 
@@ -237,7 +249,9 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                 loss_value = step_loss.item()
                 grad_norm = None
                 if t.max_grad_norm > 0 and accelerator.sync_gradients:
-                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
+                    norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    # Under FSDP the norm is a DTensor over the shards: its full value is the global norm.
+                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 # With fp16 an infinite gradient is the loss scaler's business (it skips the step and
                 # lowers the scale); elsewhere it is a fault like a non-finite loss.
                 grad_fault = grad_norm is not None and not math.isfinite(grad_norm) and plan.precision != "fp16"
