@@ -92,3 +92,29 @@ def set_threads(num_threads: Optional[int]) -> None:
         import torch
 
         torch.set_num_threads(num_threads)
+
+
+def use_fused_kernels(model: Any) -> int:
+    """Swap modules for fused kernels that compute the same function; returns how many were swapped.
+
+    GPT-2 and its relatives default to `gelu_new`, the tanh approximation of GELU written as seven elementwise
+    torch ops, each a pass over the (batch, seq, 4*width) MLP activations, with as many again in the backward.
+    torch's gelu(approximate="tanh") is the same formula in one kernel (agreeing to 2e-7 in float32) and, on
+    this CPU, about 3x faster forward + backward: ~6% of a training step of the 14M GPT-2 in
+    scripts/bench_throughput.py. Only the module objects change; the config and saved weights do not, so a
+    saved model loads and behaves as before anywhere.
+    """
+    import torch
+
+    try:
+        from transformers.activations import NewGELUActivation
+    except ImportError:
+        return 0
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped

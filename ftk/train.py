@@ -28,7 +28,7 @@ from ftk.checkpoint import TrainState
 from ftk.data.sampler import BlockStream
 from ftk.errors import NumericError, Preempted
 from ftk.schemas import OnNonFinite
-from ftk.hardware import Plan
+from ftk.hardware import Plan, use_fused_kernels
 from ftk.optim import build_optimizer, build_scheduler
 from ftk.progress import TrainingProgress
 from ftk.signals import StopRequest
@@ -177,6 +177,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
         state = checkpoint.load_state(resume_from)
         checkpoint.load_model_weights(model, resume_from / "model")
 
+    use_fused_kernels(model)  # the same functions in fused kernels (GPT-2's gelu_new): see ftk.hardware
     optimizer = build_optimizer(model, t, plan.optimizer, plan.device)
     scheduler = build_scheduler(optimizer, t, lr_multiplier)
     # Under FSDP, prepare() shards the model (weights loaded above, on every rank, are cut into shards) and

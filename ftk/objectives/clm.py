@@ -25,9 +25,12 @@ class CausalLM:
     def loss(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         ids = inputs["input_ids"]
         logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask")).logits
-        targets = ids[:, 1:]
+        # Position t predicts token t+1; the last position has no target. The targets are shifted (and the
+        # last one ignored) rather than the logits sliced: logits[:, :-1] would copy the (B, S, vocab) logits
+        # in the forward and zero-fill and copy their gradient in the backward, ~3% of a step on this model.
+        targets = F.pad(ids[:, 1:], (0, 1), value=-100)
         if "attention_mask" in inputs:  # padded batches (fine-tuning): no loss on padding
-            targets = targets.masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
-        total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+            targets = targets.masked_fill(F.pad(inputs["attention_mask"][:, 1:], (0, 1), value=0) == 0, -100)
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                 reduction="sum")
         return total, (targets != -100).sum()
