@@ -1,9 +1,11 @@
-"""Distributed data parallel on this CPU: 2 processes (gloo) give the losses of 1 process with the same
-global batch, and only rank 0 writes."""
+"""Distributed training on this CPU: 2 processes (gloo) give the losses of 1 process with the same global
+batch, and only rank 0 writes; under DDP, and under FSDP (FSDP2 shards on a CPU mesh), whose checkpoints
+resume exactly and whose final/ is a plain transformers checkpoint."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +21,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(free_port()), "-m", "ftk.cli.main", *args],
+                          capture_output=True, text=True, timeout=600)
 
 
 def history(run):
@@ -43,3 +51,73 @@ def test_two_gloo_processes_match_one_process(corpus_dir, tmp_path):
             assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
     assert summary["tokens_seen"] == json.loads((single / "summary.json").read_text())["tokens_seen"]
     assert done.stderr.count("ftk pretrain:") == 0 and done.stdout.count("ftk pretrain:") <= 1
+
+
+FSDP = [*ARGS, "hardware.strategy=fsdp", "train.save_every=3", "train.keep_last=2"]
+
+
+def test_fsdp_two_gloo_processes_match_one_process_resume_and_save_plain_hf(corpus_dir, tmp_path, capsys):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    single, double, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    data = f"data.path={corpus_dir}"
+    # One process with strategy=fsdp: nothing to shard, so it runs unsharded and says so.
+    assert ftk("pretrain", *FSDP, data, f"hydra.run.dir={single}") == 0
+    assert "nothing to shard, running unsharded" in capsys.readouterr().err
+    assert json.loads((single / "summary.json").read_text())["plan"]["strategy"] == "none"
+
+    done = torchrun("pretrain", *FSDP, data, f"hydra.run.dir={double}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((double / "summary.json").read_text())
+    assert summary["plan"]["world_size"] == 2 and summary["plan"]["strategy"] == "fsdp"
+    one, two = history(single), history(double)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]  # rank 0 writes alone
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        if "eval_loss" in a:
+            assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
+
+    # The checkpoint's optimizer state was gathered from the shards: keyed by parameter name (only the FSDP
+    # path writes names) and with every moment at the parameter's full shape, not a rank's half.
+    full = AutoModelForCausalLM.from_pretrained(single / "final")
+    shapes = {name: p.shape for name, p in full.named_parameters()}
+    optim = torch.load(double / "checkpoints" / "step-0000003" / "optimizer.pt", weights_only=True)
+    assert set(optim["state"]) == set(shapes)
+    assert all(optim["state"][name]["exp_avg"].shape == shape for name, shape in shapes.items())
+
+    # final/ is a plain Hugging Face checkpoint, the same tensors (and tied weights stored once) as 1 process.
+    sharded = AutoModelForCausalLM.from_pretrained(double / "final")
+    for (name, a), b in zip(full.state_dict().items(), sharded.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4), name
+    keys = [set(safe_open(str(run / "final" / "model.safetensors"), "pt").keys()) for run in (single, double)]
+    assert keys[0] == keys[1]
+
+    # Resume from the step-3 checkpoint, on 2 processes again: steps 4-6 repeat the uninterrupted run's losses.
+    shutil.copytree(double, resumed)
+    for leftover in ("final", "summary.json", "checkpoints/step-0000006"):
+        shutil.rmtree(resumed / leftover) if (resumed / leftover).is_dir() else (resumed / leftover).unlink()
+    again = torchrun("pretrain", *FSDP, data, "train.resume=auto", f"hydra.run.dir={resumed}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr + again.stdout
+    assert [r["loss"] for r in history(resumed)] == pytest.approx([r["loss"] for r in two], rel=1e-6)
+
+
+@pytest.mark.parametrize("override, env, message", [
+    (["hardware.strategy=fsdp", "train.early_stopping_patience=2"], {},
+     "train.early_stopping_patience is not supported with hardware.strategy=fsdp"),
+    # `accelerate launch --use_fsdp` without --fsdp_version 2 (FSDP1), whatever the profile says
+    (["hardware.strategy=ddp"], {"ACCELERATE_USE_FSDP": "true"}, "add --fsdp_version 2"),
+])
+def test_fsdp_refusals_are_one_line_exit_2(override, env, message, corpus_dir, tmp_path, monkeypatch, capsys):
+    # Two processes as far as the planner can tell; the refusal comes before any process group is needed.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    code = ftk("pretrain", *ARGS, *override, f"data.path={corpus_dir}",
+               f"hydra.run.dir={tmp_path / 'run'}")
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
