@@ -132,14 +132,10 @@ def _mixed_precision(precision: str) -> Any:
 
 
 def _check_fsdp_fits(cfg: Any) -> None:
-    """What the sharded loop does not do yet, refused before anything is loaded."""
-    regime = getattr(getattr(cfg, "regime", None), "name", None)  # finetune only; an Enum there
-    regime = getattr(regime, "value", regime)
-    if regime in ("gradual_unfreeze", "head_then_full"):
-        # FSDP2 fixes each block's trainable set when it first gathers it; unfreezing later is not seen.
-        raise UsageError(f"regime={regime} unfreezes layers during training, which hardware.strategy=fsdp does not "
-                         "support; use hardware.strategy=ddp, or regime=full / freeze_layers / lora")
+    """What the sharded loop does not do yet, refused before anything is loaded. (Regimes that unfreeze
+    during training do work: FSDP2 re-reads requires_grad each time it gathers a block.)"""
     if getattr(cfg.train, "early_stopping_patience", 0):
+        # Keeping and restoring the best model would need the sharded weights gathered and scattered back.
         raise UsageError("train.early_stopping_patience is not supported with hardware.strategy=fsdp yet; set "
                          "train.early_stopping_patience=0, or use hardware.strategy=ddp")
 
