@@ -36,6 +36,7 @@ def start(cfg: Any, run_dir: Path) -> Session:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
+    _forget_fsdp(plan)
     plan, fsdp_plugin, note = _fsdp(plan)
     if fsdp_plugin is not None:
         _check_fsdp_fits(cfg)
@@ -67,6 +68,17 @@ def start(cfg: Any, run_dir: Path) -> Session:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.write_json(run_dir / "environment.json", {**runs.environment(), "plan": plan.as_dict()})
     return Session(plan, accelerator, say)
+
+
+def _forget_fsdp(plan: Plan) -> None:
+    """A previous FSDP job of this sweep left FSDP in the kept process state (accelerate writes it there);
+    put back the plain multi-process type so that this job is FSDP only if it asks for it."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    shared = PartialState._shared_state
+    if shared.get("distributed_type") is DistributedType.FSDP:
+        shared["distributed_type"] = DistributedType.MULTI_CPU if plan.device == "cpu" else DistributedType.MULTI_GPU
 
 
 def _fsdp(plan: Plan) -> Tuple[Plan, Any, Optional[str]]:
