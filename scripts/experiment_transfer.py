@@ -69,7 +69,8 @@ class Mode:
     forgetting_steps: int
     forgetting_lrs: Dict[str, float]
     icl_test: int
-    steps: Dict[str, int] = field(default_factory=dict)   # fine-tuning steps per label budget, see steps_for
+    step_cap: int = 300                      # fine-tuning steps at most (see steps_for)
+    name: str = "full run"
 
 
 FULL = Mode(pretrain_steps={"gpt": 900, "bert": 1500}, pretrain_minutes={"gpt": 40, "bert": 35}, seeds=3,
@@ -81,13 +82,19 @@ QUICK = Mode(pretrain_steps={"gpt": 150, "bert": 250}, pretrain_minutes={"gpt": 
              budgets={"books": [5, 20], "sst2": [50, 1000], "trec": [1000]},
              curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
              lr_grid=[1e-3], lr_budget=200, regime_budget=500, regime_steps=40, regime_seeds=1,
-             forgetting_steps=80, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=60)
+             forgetting_steps=80, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=60, step_cap=100,
+             name="--quick")
+# The wiring on made-up data in about two minutes (tests/test_experiment_transfer.py); its numbers mean nothing.
+SMOKE = Mode(pretrain_steps={"gpt": 4, "bert": 4}, pretrain_minutes={"gpt": 2, "bert": 2}, seeds=2,
+             budgets={"books": [2], "sst2": [8], "trec": [None]},
+             curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
+             lr_grid=[1e-3, 3e-4], lr_budget=8, regime_budget=8, regime_steps=2, regime_seeds=1,
+             forgetting_steps=4, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=4, step_cap=2, name="--smoke")
 
 
-def steps_for(labels: int, quick: bool) -> int:
-    """About 8 epochs for small budgets, capped for large ones (compute), at least 60 updates."""
-    steps = min(300, max(60, round(8 * labels / 16)))
-    return max(20, steps // 3) if quick else steps
+def steps_for(labels: int, mode: Mode) -> int:
+    """About 8 epochs for small budgets, capped for large ones (compute), at least 60 updates (full run)."""
+    return min(mode.step_cap, max(60, round(8 * labels / 16)) if mode is FULL else max(20, round(8 * labels / 48)))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -105,7 +112,7 @@ def book_task(books: Path, out: Path, max_per_class: int) -> Dict[str, Path]:
     """Pretraining text = each book's first 85%; the rest is held out and cut into 40-word passages.
     A tail's first half gives training passages, the next 15% dev, the last 35% test (disjoint stretches)."""
     pretrain, heldout = out / "pretrain", out / "heldout"
-    pretrain.mkdir(exist_ok=True)
+    pretrain.mkdir(parents=True, exist_ok=True)
     heldout.mkdir(exist_ok=True)
     splits: Dict[str, list] = {"train": [], "dev": [], "test": []}
     skipped = []
@@ -240,7 +247,7 @@ def lr_search(runner: Runner, out: Path, tasks, bases, mode: Mode) -> Dict[str, 
                               *classify(tasks["sst2"], bases[model], "regime=full", f"train.lr={lr}",
                                         f"model.random_init={arm == 'scratch'}",
                                         f"data.train_examples={mode.lr_budget}",
-                                        f"train.max_steps={steps_for(mode.lr_budget, mode is QUICK)}"),
+                                        f"train.max_steps={steps_for(mode.lr_budget, mode)}"),
                               *seeds_sweep(1), f"hydra.sweep.dir={sweep}"))
     if len(mode.lr_grid) > 1:
         runner.all(calls)
@@ -273,7 +280,7 @@ def data_efficiency(runner: Runner, out: Path, tasks, bases, lrs, mode: Mode) ->
                                   *classify(tasks[task], bases[model], "regime=full", f"train.lr={lrs[f'{model}-{arm}']}",
                                             f"model.random_init={arm == 'scratch'}",
                                             f"data.train_examples={labels if labels else 'null'}",
-                                            f"train.max_steps={steps_for(n, mode is QUICK)}"),
+                                            f"train.max_steps={steps_for(n, mode)}"),
                                   *seeds_sweep(mode.seeds), f"hydra.sweep.dir={sweep}"))
     runner.all(calls)
     return {key: [s["test_accuracy"] for s in summaries(sweep, mode.seeds)] for key, sweep in cells.items()}
@@ -334,10 +341,11 @@ def mean_sd(values: Sequence[float]) -> tuple:
 
 
 def pm(values: Sequence[float], pct: bool = True) -> str:
+    """Mean ± standard deviation (n seeds): percent with one decimal, or a ratio with two and an x."""
     m, sd = mean_sd(values)
-    scale = 100 if pct else 1
-    spread = "" if math.isnan(sd) else f" ± {sd * scale:.1f}"
-    return f"{m * scale:.1f}{spread} (n={len(values)})"
+    scale, digits, unit = (100, 1, "") if pct else (1, 2, "x")
+    spread = "" if math.isnan(sd) else f" ± {sd * scale:.{digits}f}"
+    return f"{m * scale:.{digits}f}{unit}{spread} (n={len(values)})"
 
 
 def verdict(pre: Sequence[float], scratch: Sequence[float]) -> str:
@@ -350,10 +358,11 @@ def verdict(pre: Sequence[float], scratch: Sequence[float]) -> str:
     return f"{(m1 - m2) * 100:+.1f} ± {se * 100:.1f} ({word})"
 
 
-def report(out: Path, mode: Mode, quick: bool, pre_runs, lr_rows, lrs, curves, regime_runs, forget, icl_result,
+def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, forget, icl_result,
            tasks, minutes: float) -> str:
-    lines = [f"# Transfer experiment ({'--quick' if quick else 'full run'})", "",
-             f"`python scripts/experiment_transfer.py{' --quick' if quick else ''} --out {out}`; "
+    flag = "" if mode is FULL else f" {mode.name}"
+    lines = [f"# Transfer experiment ({mode.name})", "",
+             f"`python scripts/experiment_transfer.py{flag} --out {out}`; "
              f"{minutes:.0f} minutes on this machine. Accuracies in percent, mean ± standard deviation over n seeds.",
              ""]
     lines += ["## Pretraining (Gutenberg, last 15% of every book held out)", "",
@@ -374,7 +383,7 @@ def report(out: Path, mode: Mode, quick: bool, pre_runs, lr_rows, lrs, curves, r
                          + f" | {lrs[f'{model}-{arm}']:g} |")
         lines.append("")
     else:
-        lines += [f"Learning rate: {mode.lr_grid[0]:g} for both arms (--quick skips the search).", ""]
+        lines += [f"Learning rate: {mode.lr_grid[0]:g} for both arms ({mode.name} skips the search).", ""]
     skipped = json.loads((out / "data" / "books-skipped.json").read_text())
     lines += ["## Data efficiency: pretrained vs random initialisation (full fine-tuning, test accuracy)", "",
               "| task | model | labels | pretrained | scratch | difference ± s.e. |", "|---|---|---:|---:|---:|---:|"]
@@ -386,10 +395,12 @@ def report(out: Path, mode: Mode, quick: bool, pre_runs, lr_rows, lrs, curves, r
                 label = ("all" if budget is None else f"{budget * classes[task]} ({budget}/class)" if task == "books"
                          else str(budget))
                 lines.append(f"| {task} | {model} | {label} | {pm(pre)} | {pm(scr)} | {verdict(pre, scr)} |")
-    lines += ["", f"Tasks: sst2 (2 classes, test 1,821), trec (6 coarse classes, test 500), books (which of "
-              f"{classes['books']} Gutenberg books a 40-word held-out passage comes from; chance "
-              f"{100 / classes['books']:.1f}%; test {count(tasks['books']['test'])}; books with too short a tail for "
-              f"the task: {', '.join(skipped) or 'none'}).", ""]
+    size = {name: f"{classes[name]} classes, train {count(paths['train']):,}, dev {count(paths['dev']):,}, test "
+                  f"{count(paths['test']):,}" for name, paths in tasks.items()}
+    lines += ["", f"Tasks: sst2 ({size['sst2']}), trec (coarse; {size['trec']}), books (which Gutenberg book a "
+              f"{PASSAGE_WORDS}-word passage from the held-out tails comes from; {size['books']}; chance "
+              f"{100 / classes['books']:.1f}%; too short a tail for the task: {', '.join(skipped) or 'none'}). "
+              "Label budgets are seeded, class-stratified, nested samples (data.train_examples).", ""]
     lines += [f"## Regimes (GPT, SST-2, {mode.regime_budget} labels, {mode.regime_steps} steps, each regime's default "
               "learning rate)", "",
               "| regime | trainable | peak RSS | wall time | test accuracy | WikiText-2 perplexity ratio |",
@@ -399,7 +410,7 @@ def report(out: Path, mode: Mode, quick: bool, pre_runs, lr_rows, lrs, curves, r
         lines.append(f"| {regime} | {first['trainable_parameters']:,} ({first['trainable_share']:.2%}) | "
                      f"{first['peak_memory_bytes'] / 2**20:,.0f} MiB | {mean_sd([r['wall_time_s'] for r in runs])[0]:.0f}s"
                      f" | {pm([r['test_accuracy'] for r in runs])} | "
-                     f"{pm([r['forgetting']['ppl_ratio'] for r in runs], pct=False).replace(' (', 'x (', 1)} |")
+                     f"{pm([r['forgetting']['ppl_ratio'] for r in runs], pct=False)} |")
     lines += ["", "Peak RSS of each regime's first seed (its own process); wall time includes loading and the "
               "forgetting measurement. Perplexity ratio = fine-tuned / pretrained perplexity on WikiText-2 valid "
               "(64 blocks of 128 tokens), read through the base's LM head on the fine-tuned body.", ""]
@@ -473,10 +484,11 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=DATA, help="folder with gutenberg/, sst2/, trec/, wikitext-2/")
     ap.add_argument("--out", type=Path, default=None, help="report folder (default bench-out/transfer[-quick])")
     ap.add_argument("--quick", action="store_true", help="every effect, small: under 10 minutes")
+    ap.add_argument("--smoke", action="store_true", help="the wiring only, a few steps of everything (tests)")
     ap.add_argument("--jobs", type=int, default=2, help="fine-tuning runs at once (one CPU thread each)")
     args = ap.parse_args()
-    mode = QUICK if args.quick else FULL
-    out = args.out or REPO / "bench-out" / ("transfer-quick" if args.quick else "transfer")
+    mode = SMOKE if args.smoke else QUICK if args.quick else FULL
+    out = args.out or REPO / "bench-out" / ("transfer" if mode is FULL else f"transfer-{mode.name[2:]}")
     needed = [args.data / "gutenberg", args.data / "sst2" / "stsa.binary.train", args.data / "trec" / "train.txt",
               args.data / "wikitext-2" / "valid.txt"]
     missing = [p for p in needed if not p.exists()]
@@ -506,7 +518,7 @@ def main() -> int:
     forget = forgetting(runner, out, tasks, bases, wikitext, mode)
     stage("in-context learning")
     icl_result = icl(runner, out, tasks, bases, mode)
-    text = report(out, mode, args.quick, bases, lr_rows, lrs, curves, regime_runs, forget, icl_result, tasks,
+    text = report(out, mode, bases, lr_rows, lrs, curves, regime_runs, forget, icl_result, tasks,
                   (time.time() - started) / 60)
     plots(out, mode, curves, regime_runs, tasks)
     print(text)
