@@ -107,6 +107,9 @@ def test_fsdp_two_gloo_processes_match_one_process_resume_and_save_plain_hf(corp
 @pytest.mark.parametrize("override, env, message", [
     (["hardware.strategy=fsdp", "train.early_stopping_patience=2"], {},
      "train.early_stopping_patience is not supported with hardware.strategy=fsdp"),
+    # (a hub name that is never fetched: the refusal comes first)
+    (["hardware.strategy=fsdp", "regime=prompt_tuning", "model.name_or_path=ftk-test/never-loaded"], {},
+     "regime=prompt_tuning does not work with"),
     # `accelerate launch --use_fsdp` without --fsdp_version 2 (FSDP1), whatever the profile says
     (["hardware.strategy=ddp"], {"ACCELERATE_USE_FSDP": "true"}, "add --fsdp_version 2"),
 ])
@@ -116,7 +119,8 @@ def test_fsdp_refusals_are_one_line_exit_2(override, env, message, corpus_dir, t
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("FSDP_VERSION", raising=False)
-    code = ftk("pretrain", *ARGS, *override, f"data.path={corpus_dir}",
+    command = "finetune" if any(o.startswith("regime=") for o in override) else "pretrain"
+    code = ftk(command, *ARGS, *override, f"data.path={corpus_dir}",
                f"hydra.run.dir={tmp_path / 'run'}")
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
