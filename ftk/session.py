@@ -148,8 +148,8 @@ def _check_fsdp_fits(cfg: Any) -> None:
     during training do work: FSDP2 re-reads requires_grad each time it gathers a block.)"""
     regime = getattr(getattr(cfg, "regime", None), "name", None)  # finetune only; an Enum there
     if getattr(regime, "value", regime) == "prompt_tuning":
-        # peft reads the soft prompt outside the sharded forward: on 2 processes the losses differ from step 1
-        # and saving fails ("aten.embedding got mixed torch.Tensor and DTensor").
+        # peft runs the soft prompt's embedding outside FSDP's gather: on 2 processes the first checkpoint
+        # fails with "aten.embedding got mixed torch.Tensor and DTensor".
         raise UsageError("regime=prompt_tuning does not work with hardware.strategy=fsdp; use "
                          "hardware.strategy=ddp (the soft prompt is small), or regime=lora")
     if getattr(cfg.train, "early_stopping_patience", 0):
