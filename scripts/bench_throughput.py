@@ -283,7 +283,10 @@ def _ftk_run(job: Dict[str, Any], model) -> Dict[str, Any]:
         log_every=1, eval_every=0, eval_batches=1, save_every=0, keep_last=1, seed=job["seed"]))
     plan = Plan(device="cpu", precision="bf16", world_size=1, micro_batch_size=shape.batch, grad_accum=1,
                 optimizer="adamw_fused", compile=bool(job["compile"]), strategy="none")
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    # As ftk.session.start does: ftk's compile switch is accelerate's dynamo backend (prepare() wraps the model
+    # in torch.compile). Plan(compile=True) alone compiles nothing: the loop itself never calls torch.compile.
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16",
+                              dynamo_backend="inductor" if job["compile"] else "no")
     work = Path(job["work"])
     source = train.BlockSource(np.load(work / "train.npy"), np.load(work / "validation.npy"))
     run_dir = Path(tempfile.mkdtemp(prefix="ftk-run-", dir=work))
@@ -435,6 +438,9 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
         **{k: job[k] for k in ("regime", "side", "round", "compile", "steps", "warmup")},
         "tokens_per_s": steps * shape.batch * shape.seq_len / max(timed, 1e-9), "timed_s": timed,
         "step_s_median": statistics.median(step_s), "step_s_max": max(step_s),
+        # The first step carries torch.compile's tracing and kernel generation (and any lazy set-up); what it
+        # takes beyond a steady step is the compile cost, reported apart and never part of tokens/s.
+        "first_step_s": times[1] - times[0], "compile_s": max(0.0, times[1] - times[0] - statistics.median(step_s)),
         "loss_first": losses[0], "loss_final": losses[-1], "loss_tail": statistics.fmean(losses[-min(5, len(losses)):]),
         "losses": losses, "loss_scale": run.get("loss_scale", 1.0),
         "final_eval_loss": run["final_eval_loss"], "peak_added": memory.added, "peak_rss": memory.peak,
@@ -445,7 +451,7 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
 
 def run_isolated(job: Dict[str, Any]) -> Dict[str, Any]:
     """run_job in a fresh Python process: nothing (allocator, caches, threads) carries over between runs."""
-    spec = Path(job["work"]) / f"job-{job['regime']}-{job['side']}-{job['round']}.json"
+    spec = Path(job["work"]) / f"job-{job['regime']}-{job['side']}-{int(job['compile'])}-{job['round']}.json"
     spec.write_text(json.dumps(job))
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -496,25 +502,32 @@ def summarise(results: List[Dict[str, Any]], shape: Shape, peaks: Dict[str, floa
     rows, key = [], {}
     order = [r for r in ("pretrain", "full", "lora", "qlora") if any(x["regime"] == r for x in results)]
     for regime in order:
-        for side in ("ftk", "trainer"):
-            runs = [r for r in results if r["regime"] == regime and r["side"] == side]
+        for side, compiled in (("ftk", False), ("ftk", True), ("trainer", False), ("trainer", True)):
+            runs = [r for r in results if r["regime"] == regime and r["side"] == side and r["compile"] == compiled]
             if not runs:
                 continue
+            # With --compile-row the ftk side runs both ways; the compiled arm is keyed "ftk+compile".
+            both = len({r["compile"] for r in results if r["regime"] == regime and r["side"] == side}) > 1
+            name = f"{side}+compile" if both and compiled else side
             tps = statistics.median(r["tokens_per_s"] for r in runs)
             flops = flops_per_token(shape, regime, runs[0]["trainable"])
             mfu = flops * tps / (peaks["bf16"] * 1e9)
             peak = statistics.median(r["peak_added"] for r in runs)
             loss = statistics.median(r["loss_final"] for r in runs)
-            key[(regime, side)] = dict(tps=tps, mfu=mfu, peak=peak, loss=loss,
+            key[(regime, name)] = dict(tps=tps, mfu=mfu, peak=peak, loss=loss,
                                        tail=statistics.median(r["loss_tail"] for r in runs),
-                                       first=statistics.median(r["loss_first"] for r in runs))
+                                       first=statistics.median(r["loss_first"] for r in runs),
+                                       first_step=[r["first_step_s"] for r in runs],
+                                       compile_s=[r["compile_s"] for r in runs],
+                                       step_s=statistics.median(r["step_s_median"] for r in runs))
             label = "pretrain" if regime == "pretrain" else f"finetune {regime}"
             per_round = " / ".join(f"{r['tokens_per_s']:,.0f}" for r in runs)
+            first = " / ".join(_seconds(r["first_step_s"]) for r in runs)
             rows.append(
                 f"| {label} | {'ftk' if side == 'ftk' else 'HF Trainer'} | "
                 f"{_what(side, regime, runs[0]['compile'], runs)} | {_count(runs[0]['trainable'])} | "
                 f"**{tps:,.0f}** | {per_round} | {mfu:.1%} | "
-                f"{_mib(peak)} | {loss:.4f} | {_seconds(statistics.median(r['wall_s'] for r in runs))} |")
+                f"{_mib(peak)} | {loss:.4f} | {first} | {_seconds(statistics.median(r['wall_s'] for r in runs))} |")
 
     ft_runs = [r for r in results if r["regime"] != "pretrain"]
     pre_runs = [r for r in results if r["regime"] == "pretrain"]
@@ -549,11 +562,13 @@ def summarise(results: List[Dict[str, Any]], shape: Shape, peaks: Dict[str, floa
         f"loss: the training loss of the last step (pretraining step "
         f"{(pre_runs[0]['warmup'] + pre_runs[0]['steps']) if pre_runs else '-'}, fine-tuning step "
         f"{(ft_runs[0]['warmup'] + ft_runs[0]['steps']) if ft_runs else '-'}), median over rounds; wall s: the "
-        f"whole run (model load, all steps, ftk's final validation and checkpoint)",
+        f"whole run (model load, all steps, ftk's final validation and checkpoint); first step s: the first "
+        f"optimizer step, which carries torch.compile's tracing and code generation when compile is on (not in "
+        f"tokens/s; inductor caches kernels on disk, so a later run of the same shapes compiles faster)",
         "",
         "| run | side | what ran | trainable | tokens/s (median) | per round | MFU | peak RSS added | loss @ last step "
-        "| wall s |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|",
+        "| first step s (per round) | wall s |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---|---:|",
         *rows,
         "",
     ]
@@ -571,6 +586,22 @@ def summarise(results: List[Dict[str, Any]], shape: Shape, peaks: Dict[str, floa
             f"{dloss:+.4f}; mean of the last 5 steps {a['tail']:.4f} vs {b['tail']:.4f})",
             f"ratio ftk/Trainer tokens/s: {ratio:.2f}",
         ]
+        if ("pretrain", "ftk+compile") in key:
+            c = key[("pretrain", "ftk+compile")]
+            saved = a["step_s"] - c["step_s"]
+            cold, warm = c["compile_s"][0], (statistics.median(c["compile_s"][1:]) if len(c["compile_s"]) > 1
+                                             else None)
+            lines += [
+                f"ratio ftk+compile/Trainer tokens/s: {c['tps'] / b['tps']:.2f} (ftk+compile/ftk eager: "
+                f"{c['tps'] / a['tps']:.2f}); loss at the last step {c['loss']:.4f}",
+                f"compile time (first step beyond a steady step, not in tokens/s): {cold:.1f}s in round 1 (fresh "
+                f"inductor cache)" + (f", {warm:.1f}s in later rounds (inductor's cache warm)" if warm is not None
+                                      else ""),
+                ("compile pays off after " + f"{cold / saved:,.0f} steps (cold cache)" +
+                 (f", {warm / saved:,.0f} steps (warm)" if warm is not None else "")
+                 if saved > 0 else "compile never pays off here: the compiled step is not faster")
+                + f" (steady step {a['step_s']:.3f}s eager vs {c['step_s']:.3f}s compiled)",
+            ]
         verdicts += [
             f"- pretraining tokens/s >= 1.30x the Trainer's: {'MET' if ratio >= 1.3 else 'not met'} ({ratio:.2f}x)",
             f"- same loss after {pre_runs[0]['warmup'] + pre_runs[0]['steps']} steps (within "
@@ -645,6 +676,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true",
                     help="ftk side: Plan(compile=True), ftk's own torch.compile switch (the output says whether "
                          "ftk compiled anything)")
+    ap.add_argument("--compile-row", action="store_true",
+                    help="pretraining: a third arm per round, ftk with compile, next to eager ftk and the Trainer "
+                         "(compile time reported apart, round 1 with a fresh inductor cache)")
     ap.add_argument("--trainer-compile", action="store_true",
                     help="Trainer side: TrainingArguments(torch_compile=True) (off by default: not its best here)")
     ap.add_argument("--isolate", action="store_true",
@@ -718,6 +752,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     ([args.ft_warmup + args.ft_steps] if regimes else []))
     n_blocks = max(64, max_steps * shape.batch)  # one epoch covers every run: no block is read twice
     work = Path(tempfile.mkdtemp(prefix="ftk-bench-"))
+    if args.compile or args.compile_row or args.trainer_compile:
+        # Inductor keeps compiled kernels on disk (by default /tmp/torchinductor_<user>): a fresh cache here makes
+        # round 1 show what a first compile costs and later rounds what a run with a warm cache pays.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
     results: List[Dict[str, Any]] = []
     try:
         np.save(work / "train.npy", token_blocks(n_blocks, shape, args.seed))
@@ -731,15 +769,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             for r in range(args.rounds):
                 for side in ("ftk", "trainer"):
                     plan.append(dict(regime="pretrain", side=side, round=r, steps=args.steps, warmup=args.warmup))
+                if args.compile_row:
+                    plan.append(dict(regime="pretrain", side="ftk", round=r, steps=args.steps, warmup=args.warmup,
+                                     compile=True))
         for r in range(args.ft_rounds):
             for regime in regimes:
                 for side in ("ftk", "trainer"):
                     plan.append(dict(regime=regime, side=side, round=r, steps=args.ft_steps, warmup=args.ft_warmup))
         for i, job in enumerate(plan):
             lr, wd, beta2 = HYPER[job["regime"]]
-            job.update(common, lr=lr, weight_decay=wd, beta2=beta2,
-                       compile=args.compile if job["side"] == "ftk" else args.trainer_compile)
-            name = "ftk" if job["side"] == "ftk" else "Trainer"
+            job.setdefault("compile", args.compile if job["side"] == "ftk" else args.trainer_compile)
+            job.update(common, lr=lr, weight_decay=wd, beta2=beta2)
+            name = ("ftk+c" if job["compile"] else "ftk") if job["side"] == "ftk" else "Trainer"
             print(f"[{i + 1}/{len(plan)}] {job['regime']:8s} {name:7s} round {job['round'] + 1}: "
                   f"{job['warmup']} + {job['steps']} steps ...", end=" ", flush=True)
             result = run_isolated(job) if args.isolate else run_job(job)
