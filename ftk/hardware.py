@@ -15,6 +15,12 @@ from ftk.schemas import Device, Optimizer, Precision, Strategy
 
 # Runs shorter than this many optimizer steps do not recover torch.compile's start-up cost.
 COMPILE_MIN_STEPS = 300
+# On a CPU compile stays off unless asked for (hardware.compile=true): measured on the 14M GPT-2 of
+# scripts/bench_throughput.py (AVX-512 BF16, torch 2.13, bf16 autocast), an inductor-compiled training step
+# took as long as the eager one (1.005x, interleaved steps, CPU time) once GELU is fused (use_fused_kernels),
+# for 30-60 s of compilation on a fresh cache: the step is matmul- and attention-bound, which inductor leaves
+# to the same oneDNN/aten kernels, so there is nothing left for it to win. `bench_throughput.py --compile-row`
+# re-measures it.
 
 
 @dataclass
