@@ -298,6 +298,13 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                     progress.update(state.step, record["loss"], record["lr"], tps, eta)
                     window_start, window_tokens, window_loss, window_count = now, 0, 0.0, 0.0
                 time_up = t.max_minutes is not None and state.elapsed >= 60 * t.max_minutes
+                stop_now = stop.requested
+                if world > 1:
+                    # Each rank has its own clock and may see a signal a step later than another; all must stop
+                    # (and save, a collective under FSDP and DDP) at the same step, or the next collective hangs.
+                    flags = accelerator.reduce(torch.tensor([float(time_up), float(stop_now)],
+                                                            device=accelerator.device), reduction="sum")
+                    time_up, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
                 at_end = state.step == t.max_steps or time_up
                 if (t.eval_every and state.step % t.eval_every == 0) or at_end:
                     metrics = evaluate(model, objective, source, plan.micro_batch_size, t.eval_batches, t.seed,
@@ -324,10 +331,11 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                     break
                 if patience and state.extra.get("stopped_early"):
                     break
-                if stop.requested:
+                if stop_now:
                     path = save()
                     raise Preempted(
-                        f"stopped by {stop.signal_name} at step {state.step}; checkpoint saved to {path}. "
+                        f"stopped by {stop.signal_name or 'a signal to another process'} at step {state.step}; "
+                        f"checkpoint saved to {path}. "
                         f"Resume with the same command plus train.resume=auto hydra.run.dir={run_dir}")
     finally:
         progress.close()
