@@ -150,3 +150,38 @@ def test_fsdp_lora_matches_one_process_and_saves_a_peft_adapter(pretrained, tmp_
     for key in one:  # Adam's first steps magnify float reordering in the tiny LoRA factors: compare loosely
         assert torch.allclose(one[key], two[key], atol=2e-3), key
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pretrained["gpt"]), double / "final")
+
+
+def test_fsdp_sigterm_to_one_process_checkpoints_both_at_the_same_step(corpus_dir, tmp_path):
+    # A signal may reach one rank only (or a step earlier); saving is a collective, so the ranks must agree.
+    import contextlib
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(free_port()), "-m", "ftk.cli.main", "pretrain", *ARGS,
+                                 "hardware.strategy=fsdp", "train.max_steps=100000", "train.eval_every=0",
+                                 f"data.path={corpus_dir}", f"hydra.run.dir={run}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len((run / "metrics.jsonl").read_text().splitlines()
+                                             if (run / "metrics.jsonl").exists() else []) < 3:
+            time.sleep(0.5)
+        workers = [int(pid) for pid in subprocess.run(["pgrep", "-f", f"hydra.run.dir={run}"], capture_output=True,
+                                                      text=True).stdout.split()
+                   if b"torch.distributed.run" not in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(workers) == 2
+        os.kill(max(workers), signal.SIGTERM)  # one worker only
+        _, err = launcher.communicate(timeout=120)  # before the fix, the other rank waited forever
+    finally:
+        launcher.kill()
+        for pid in workers:  # a hung worker outlives its launcher
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert "stopped by SIGTERM" in err
+    step = history(run)[-1]["step"]
+    assert (run / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").is_file()
