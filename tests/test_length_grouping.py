@@ -39,8 +39,9 @@ def test_grouping_cuts_padding_compute():
     pad_r, real_r = pad_tokens_per_epoch(source, BlockStream(source.n_train, 3), micro)
     assert real_g == pytest.approx(real_r, rel=0.02)  # the same examples are read, only grouped differently
     share_g, share_r = pad_g / (pad_g + real_g), pad_r / (pad_r + real_r)
-    # Random batches of this mix are mostly padding (about 60%); grouped ones carry little.
-    assert share_r > 0.4 and share_g < 0.15, (share_g, share_r)
+    # Random batches of this mix are mostly padding (about 70%); grouped ones (sorted up to a +-15% length
+    # jitter, see LengthGroupedStream) carry under a quarter, and a fraction of the pad tokens.
+    assert share_r > 0.5 and share_g < 0.25, (share_g, share_r)
     assert pad_g < pad_r / 4
 
 
