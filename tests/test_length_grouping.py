@@ -1,7 +1,7 @@
 """Length-grouped training batches for variable-length examples: far less padding than random batches, every
 example still read once per epoch, and the stream is a pure function of (seed, position), so a resumed run reads
-exactly what the uninterrupted one would (the loop-level check is tests/test_resume.py's finetune test, which
-runs through the grouped stream now that it is the default)."""
+exactly what the uninterrupted one would: the loop reads the stream only through take(position, count), and
+resumes by position."""
 
 from __future__ import annotations
 
@@ -80,11 +80,15 @@ def test_off_switch_and_single_example_batches_keep_the_uniform_order():
     examples = skewed_examples(50)
     assert isinstance(ExampleSource(examples, [], 0, group_by_length=False).stream(0, 8), BlockStream)
     # One example per micro-batch has no padding to save: the uniform stream, unchanged.
-    assert isinstance(ExampleSource(examples, [], 0).stream(0, 1), BlockStream)
+    assert isinstance(ExampleSource(skewed_examples(500), [], 0).stream(0, 1), BlockStream)
+    # Fewer than 50 micro-batches of examples: random batches (grouping would sort the whole epoch).
+    assert isinstance(ExampleSource(examples, [], 0).stream(0, 8), BlockStream)
+    assert isinstance(ExampleSource(skewed_examples(399), [], 0).stream(0, 8), BlockStream)
+    assert isinstance(ExampleSource(skewed_examples(400), [], 0).stream(0, 8), LengthGroupedStream)
 
 
 def test_collate_of_a_grouped_batch_is_the_same_examples():
-    examples = skewed_examples(200)
+    examples = skewed_examples(600)
     source = ExampleSource(examples, [], pad_id=0)
     idx = source.stream(0, 8).take(0, 8)
     batch = source.train_batch(idx)

@@ -49,7 +49,9 @@ class LengthGroupedStream:
     that does not fit in memory fails at the first step, not hours in.
     """
 
-    def __init__(self, lengths, seed: int, group: int, mega: int = 50, jitter: float = 0.15):
+    MEGA = 50  # groups per sorted chunk (Hugging Face's LengthGroupedSampler uses 50 batches too)
+
+    def __init__(self, lengths, seed: int, group: int, mega: int = MEGA, jitter: float = 0.15):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if len(self.lengths) == 0:
             raise ValueError("LengthGroupedStream needs at least one example")
