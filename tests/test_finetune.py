@@ -274,3 +274,18 @@ def test_sft_trains_on_responses_and_saves_a_causal_lm(pretrained, tmp_path):
              if "eval_loss" in r]
     assert evals[-1] < 0.5 * evals[0], evals
     AutoModelForCausalLM.from_pretrained(run / "final")
+
+
+@pytest.mark.parametrize("objective", ["clm", "sft"])
+def test_prompt_tuning_language_objectives_score_the_text_not_the_soft_prompt(objective, pretrained, tmp_path):
+    # peft prepends the virtual tokens: the logits are longer than the input, and only the text's are scored
+    if objective == "clm":
+        data = f"data.path={pretrained['corpus']}"
+    else:
+        records = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("apple", "river", "stone") * 20]
+        data = f"data.path={write_jsonl(tmp_path / 'sft.jsonl', records)}"
+    run = finetune(tmp_path, pretrained["gpt"], f"objective={objective}", "regime=prompt_tuning", data,
+                   "train.max_steps=4", "train.lr=3e-2")
+    s = summary(run)
+    assert s["steps"] == 4 and s["trainable_parameters"] == 20 * 64  # the soft prompt only (gpt-tiny test width 64)
+    assert "final_eval_ppl" in s or "final_eval_loss" in s

@@ -11,6 +11,15 @@ from typing import Any
 from ftk.schemas import Objective
 
 
+def token_logits(model: Any, inputs: Any):
+    """The model's logits, one row per input token. Under prompt tuning peft prepends the soft prompt's
+    virtual tokens to the sequence, so its logits are longer than the input: those leading positions are
+    the prompt's, not the text's, and carry no target."""
+    ids = inputs["input_ids"]
+    logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask")).logits
+    return logits[:, -ids.shape[1]:] if logits.shape[1] != ids.shape[1] else logits
+
+
 def get_objective(cfg: Any, tokenizer: Any):
     """The objective named by the `objective` config group."""
     name = Objective(cfg.name)

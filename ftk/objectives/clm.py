@@ -7,6 +7,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ftk.objectives import token_logits
+
 
 class CausalLM:
     name = "clm"
@@ -24,7 +26,7 @@ class CausalLM:
 
     def loss(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         ids = inputs["input_ids"]
-        logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask")).logits
+        logits = token_logits(model, inputs)
         # Position t predicts token t+1; the last position has no target. The targets are shifted (and the
         # last one ignored) rather than the logits sliced: logits[:, :-1] would copy the (B, S, vocab) logits
         # in the forward and zero-fill and copy their gradient in the backward, ~3% of a step on this model.

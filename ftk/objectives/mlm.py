@@ -11,6 +11,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ftk.objectives import token_logits
+
 
 class MaskedLM:
     name = "mlm"
@@ -47,7 +49,7 @@ class MaskedLM:
 
     def loss(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         labels = inputs["labels"]
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+        logits = token_logits(model, inputs)
         picked = labels != -100  # the LM head's output is only needed where there is a target
         total = F.cross_entropy(logits[picked].float(), labels[picked], reduction="sum")
         return total, picked.sum()

@@ -11,6 +11,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ftk.objectives import token_logits
+
 
 class SupervisedFineTuning:
     name = "sft"
@@ -33,7 +35,7 @@ class SupervisedFineTuning:
 
     def loss(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         # `labels` is not passed to the model: it would compute a (mean) loss of its own.
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+        logits = token_logits(model, inputs)
         targets = self._targets(inputs)
         keep = targets != -100
         # Only the labelled positions are upcast: prompts are often most of the tokens.
