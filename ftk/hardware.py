@@ -15,12 +15,12 @@ from ftk.schemas import Device, Optimizer, Precision, Strategy
 
 # Runs shorter than this many optimizer steps do not recover torch.compile's start-up cost.
 COMPILE_MIN_STEPS = 300
-# On a CPU compile stays off unless asked for (hardware.compile=true): measured on the 14M GPT-2 of
-# scripts/bench_throughput.py (AVX-512 BF16, torch 2.13, bf16 autocast), an inductor-compiled training step
-# took as long as the eager one (1.005x, interleaved steps, CPU time) once GELU is fused (use_fused_kernels),
-# for 30-60 s of compilation on a fresh cache: the step is matmul- and attention-bound, which inductor leaves
-# to the same oneDNN/aten kernels, so there is nothing left for it to win. `bench_throughput.py --compile-row`
-# re-measures it.
+# On a CPU compile stays off unless asked for (hardware.compile=true). Measured on the 14M GPT-2 of
+# scripts/bench_throughput.py (AVX-512 BF16, torch 2.13, bf16 autocast, GELU fused by use_fused_kernels): a
+# compiled step took as long as the eager one in CPU time on one thread (1.005x, interleaved steps), and was
+# 1.08x faster in wall time on two threads on a machine loaded by other jobs; compilation cost 64 s on a fresh
+# inductor cache (5.5 s warm). Not a clear enough gain for a default; `bench_throughput.py --compile-row`
+# re-measures it on an idle machine.
 
 
 @dataclass
