@@ -190,11 +190,13 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
         if sched.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(sched["scaler"])
 
-    # A source may order its own stream (ExampleSource groups examples by length, aligned on micro-batches).
-    stream = source.stream(t.seed, plan.micro_batch_size) if hasattr(source, "stream") else \
-        BlockStream(source.n_train, t.seed)
     per_process = plan.micro_batch_size * plan.grad_accum
     global_batch = per_process * world
+    # A source may order its own stream (ExampleSource groups examples by length). The group is the global
+    # batch, not a process's micro-batch: then a step's examples are the same on 1 or N processes, with any
+    # gradient accumulation, and so are the losses; each micro-batch is a slice of one sorted group.
+    stream = source.stream(t.seed, global_batch) if hasattr(source, "stream") else \
+        BlockStream(source.n_train, t.seed)
     log = MetricsLog(run_dir / "metrics.jsonl", main, state.step if resume_from is not None else None)
     progress = TrainingProgress(t.max_steps, state.step, enabled=main)
     result = LoopResult(state=state)
@@ -246,8 +248,14 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                     step_loss += loss_sum.detach().double()
                     mask = inputs.get("attention_mask")  # padded examples: count real tokens only
                     step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-                step_loss = accelerator.reduce(step_loss, reduction="sum") / global_count
+                # Loss and real (unpadded) tokens summed over processes in one collective: ranks hold different
+                # amounts of padding, so rank 0's count times the world size would be wrong for examples.
+                totals = accelerator.reduce(torch.stack([step_loss, torch.tensor(float(step_tokens), dtype=torch.float64,
+                                                                                  device=step_loss.device)]),
+                                            reduction="sum")
+                step_loss = totals[0] / global_count
                 loss_value = step_loss.item()
+                step_tokens_global = int(totals[1].item())
                 grad_norm = None
                 if t.max_grad_norm > 0 and accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -275,7 +283,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                 scheduler.step()
                 state.step += 1
                 state.samples += global_batch
-                tokens_now = step_tokens * world
+                tokens_now = step_tokens_global
                 state.tokens += tokens_now
                 window_tokens += tokens_now
                 if math.isfinite(loss_value):

@@ -185,3 +185,22 @@ def test_fsdp_sigterm_to_one_process_checkpoints_both_at_the_same_step(corpus_di
     assert "stopped by SIGTERM" in err
     step = history(run)[-1]["step"]
     assert (run / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").is_file()
+
+
+def test_length_grouped_classification_on_two_processes_matches_one(pretrained, tmp_path):
+    # 480 labelled examples of varying length at a global batch of 8: enough for length-grouped batches,
+    # whose groups are global batches, so 2 processes x 4 read the same examples per step as 1 x 8.
+    from tests.conftest import make_labelled, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_labelled(480, seed=1))
+    args = ["finetune", f"model.name_or_path={pretrained['gpt']}", "regime=full", "hardware=cpu",
+            "hardware.precision=fp32", "hardware.num_threads=1", "train.batch_size=8", "train.seq_len=64",
+            "train.max_steps=4", "train.log_every=1", "train.eval_every=4", "train.save_every=0",
+            f"data.path={train}"]
+    assert ftk(*args, f"hydra.run.dir={tmp_path / 'one'}") == 0
+    done = torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = history(tmp_path / "one"), history(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["tokens"] == a["tokens"]

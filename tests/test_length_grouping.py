@@ -33,7 +33,7 @@ def test_grouping_cuts_padding_compute():
     examples = skewed_examples(1000)
     source = ExampleSource(examples, [], pad_id=0)
     micro = 16
-    grouped = source.stream(seed=3, micro_batch_size=micro)
+    grouped = source.stream(seed=3, batch_size=micro)
     assert isinstance(grouped, LengthGroupedStream)
     pad_g, real_g = pad_tokens_per_epoch(source, grouped, micro)
     pad_r, real_r = pad_tokens_per_epoch(source, BlockStream(source.n_train, 3), micro)
@@ -94,3 +94,14 @@ def test_collate_of_a_grouped_batch_is_the_same_examples():
     batch = source.train_batch(idx)
     assert batch["input_ids"].shape == collate([examples[i] for i in idx], 0)["input_ids"].shape
     assert batch["labels"].tolist() == [examples[i].label for i in idx]
+
+
+def test_micro_batches_sliced_from_a_global_group_stay_short_of_padding():
+    # The loop groups by its global batch (16 here) and each of 2 processes x 2 accumulation steps reads a
+    # micro-batch of 4 consecutive positions: those slices are as tightly grouped as the group they come from.
+    examples = skewed_examples(2000)
+    source = ExampleSource(examples, [], pad_id=0)
+    grouped = source.stream(seed=5, batch_size=16)
+    pad_g, real_g = pad_tokens_per_epoch(source, grouped, 4)
+    pad_r, real_r = pad_tokens_per_epoch(source, BlockStream(source.n_train, 5), 4)
+    assert pad_g / (pad_g + real_g) < 0.2 and pad_g < pad_r / 3

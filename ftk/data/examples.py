@@ -47,10 +47,11 @@ def collate(examples: Sequence[Example], pad_id: int, padding_side: str = "right
 class ExampleSource:
     """Training and validation examples served as padded batches (see ftk.train.Source).
 
-    `stream(seed, micro_batch_size)` is the order the loop reads training examples in: with `group_by_length`
-    (the default) a LengthGroupedStream, so a micro-batch holds examples of similar length; otherwise (or with
-    one example per micro-batch, where there is no padding to save, or fewer than 50 micro-batches of examples)
-    the uniform BlockStream.
+    `stream(seed, batch_size)` is the order the loop reads training examples in: with `group_by_length` (the
+    default) a LengthGroupedStream whose groups are the loop's global batches (so every micro-batch, a slice of
+    one group, holds examples of similar length, and the order does not depend on the number of processes);
+    otherwise (or with one example per batch, where there is no padding to save, or fewer than 50 batches of
+    examples) the uniform BlockStream.
     """
 
     def __init__(self, train: List[Example], validation: List[Example], pad_id: int, padding_side: str = "right",
@@ -59,17 +60,16 @@ class ExampleSource:
         self.n_train = len(train)
         self.group_by_length = group_by_length
 
-    def stream(self, seed: int, micro_batch_size: int) -> Any:
+    def stream(self, seed: int, batch_size: int) -> Any:
         from ftk.data.sampler import BlockStream, LengthGroupedStream
 
-        # Grouping needs an epoch of at least one mega-chunk (50 micro-batches): on fewer examples the sort spans
+        # Grouping needs an epoch of at least one mega-chunk (50 batches): on fewer examples the sort spans
         # the whole epoch, every batch is drawn from a narrow length band each epoch, and small tasks trained
         # measurably worse (tests/test_finetune.py: 96 examples, LoRA 0.67 and BERT 0.77 accuracy against 0.70
         # and 0.80 with random batches). Such runs are short; their padding is not worth the risk.
-        if not self.group_by_length or micro_batch_size <= 1 or \
-                self.n_train < LengthGroupedStream.MEGA * micro_batch_size:
+        if not self.group_by_length or batch_size <= 1 or self.n_train < LengthGroupedStream.MEGA * batch_size:
             return BlockStream(self.n_train, seed)
-        return LengthGroupedStream([len(e.input_ids) for e in self.train], seed, micro_batch_size)
+        return LengthGroupedStream([len(e.input_ids) for e in self.train], seed, batch_size)
 
     def train_batch(self, indices: np.ndarray) -> Dict[str, torch.Tensor]:
         return collate([self.train[i] for i in indices], self.pad_id, self.padding_side)

@@ -43,9 +43,8 @@ class LengthGroupedStream:
     for padding on every short example. Here each epoch's permutation is cut into mega-chunks of `mega`
     groups, each chunk is sorted by length and cut into groups of `group` consecutive positions, and the
     groups are shuffled (the scheme of Hugging Face's LengthGroupedSampler). Groups are aligned on stream
-    positions that are multiples of `group`, which is where the loop's micro-batches start (every step starts
-    at a multiple of the global batch, each rank and micro-batch at a multiple of the micro-batch size), so
-    one micro-batch is one group. The group holding the longest example comes first in its epoch: a batch
+    positions that are multiples of `group`; the loop passes its global batch, and every step starts at a
+    multiple of it, so one step is one group and each rank's micro-batches are consecutive slices of it. The group holding the longest example comes first in its epoch: a batch
     that does not fit in memory fails at the first step, not hours in.
     """
 
