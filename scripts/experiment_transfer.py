@@ -76,13 +76,13 @@ class Mode:
 FULL = Mode(pretrain_steps={"gpt": 900, "bert": 1500}, pretrain_minutes={"gpt": 60, "bert": 60}, seeds=3,
             budgets={"books": [5, 10, 20], "sst2": [50, 200, 1000, None], "trec": [50, 200, 1000, None]},
             curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
-            lr_grid=[1e-4, 3e-4, 1e-3], lr_budget=200, regime_budget=1000, regime_steps=150, regime_seeds=3,
-            forgetting_steps=400, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=300)
-QUICK = Mode(pretrain_steps={"gpt": 150, "bert": 250}, pretrain_minutes={"gpt": 8, "bert": 8}, seeds=2,
-             budgets={"books": [5, 20], "sst2": [50, 1000], "trec": [1000]},
+            lr_grid=[1e-4, 3e-4, 1e-3], lr_budget=200, regime_budget=1000, regime_steps=150, regime_seeds=2,
+            forgetting_steps=300, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=300)
+QUICK = Mode(pretrain_steps={"gpt": 100, "bert": 160}, pretrain_minutes={"gpt": 6, "bert": 6}, seeds=2,
+             budgets={"books": [5, 20], "sst2": [1000], "trec": [1000]},
              curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
-             lr_grid=[1e-3], lr_budget=200, regime_budget=500, regime_steps=40, regime_seeds=1,
-             forgetting_steps=80, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=60, step_cap=100,
+             lr_grid=[1e-3], lr_budget=200, regime_budget=500, regime_steps=30, regime_seeds=1,
+             forgetting_steps=60, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=40, step_cap=60,
              name="--quick")
 # The wiring on made-up data in about two minutes (tests/test_experiment_transfer.py); its numbers mean nothing.
 SMOKE = Mode(pretrain_steps={"gpt": 4, "bert": 4}, pretrain_minutes={"gpt": 2, "bert": 2}, seeds=2,
