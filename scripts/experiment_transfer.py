@@ -49,6 +49,7 @@ DATA = REPO.parent / "shared" / "data"
 REGIMES = ("full", "feature_extraction", "lora", "qlora", "prompt_tuning", "freeze_layers", "gradual_unfreeze",
            "head_then_full")
 PASSAGE_WORDS = 40
+SAMPLE_WORDS = 1500  # words of each held-out tail in the pretraining-domain perplexity sample
 
 
 @dataclass
@@ -70,6 +71,9 @@ class Mode:
     forgetting_lrs: Dict[str, float]
     icl_test: int
     step_cap: int = 300                      # fine-tuning steps at most (see steps_for)
+    forgetting_blocks: int = 64              # WikiText-2 blocks of 128 tokens the forgetting ratio is read on
+    replay_words: Optional[int] = None       # replay from this many words of each book's pretraining text
+                                             # (None: all of it; tokenizing 8.8 MB costs a minute per run)
     name: str = "full run"
 
 
@@ -78,12 +82,12 @@ FULL = Mode(pretrain_steps={"gpt": 900, "bert": 1500}, pretrain_minutes={"gpt": 
             curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
             lr_grid=[1e-4, 3e-4, 1e-3], lr_budget=200, regime_budget=1000, regime_steps=150, regime_seeds=2,
             forgetting_steps=300, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=300)
-QUICK = Mode(pretrain_steps={"gpt": 100, "bert": 160}, pretrain_minutes={"gpt": 6, "bert": 6}, seeds=2,
+QUICK = Mode(pretrain_steps={"gpt": 70, "bert": 120}, pretrain_minutes={"gpt": 5, "bert": 5}, seeds=2,
              budgets={"books": [5, 20], "sst2": [1000], "trec": [1000]},
              curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
-             lr_grid=[1e-3], lr_budget=200, regime_budget=500, regime_steps=30, regime_seeds=1,
-             forgetting_steps=60, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=40, step_cap=60,
-             name="--quick")
+             lr_grid=[1e-3], lr_budget=200, regime_budget=500, regime_steps=20, regime_seeds=1,
+             forgetting_steps=60, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=30, step_cap=60,
+             forgetting_blocks=16, replay_words=4000, name="--quick")
 # The wiring on made-up data in about two minutes (tests/test_experiment_transfer.py); its numbers mean nothing.
 SMOKE = Mode(pretrain_steps={"gpt": 4, "bert": 4}, pretrain_minutes={"gpt": 2, "bert": 2}, seeds=2,
              budgets={"books": [2], "sst2": [8], "trec": [None]},
@@ -115,13 +119,14 @@ def book_task(books: Path, out: Path, max_per_class: int) -> Dict[str, Path]:
     pretrain.mkdir(parents=True, exist_ok=True)
     heldout.mkdir(exist_ok=True)
     splits: Dict[str, list] = {"train": [], "dev": [], "test": []}
-    skipped = []
+    skipped, sample = [], []
     for book in sorted(books.glob("*.txt")):
         text = book.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
         cut = text.rfind("\n", 0, int(len(text) * 0.85))
         (pretrain / book.name).write_text(text[:cut])
         (heldout / book.name).write_text(text[cut:])
         words = text[cut:].split()
+        sample.append(" ".join(words[:SAMPLE_WORDS]))
         passages = [" ".join(words[i:i + PASSAGE_WORDS]) for i in range(0, len(words) - PASSAGE_WORDS + 1,
                                                                           PASSAGE_WORDS)]
         a, b = len(passages) // 2, int(len(passages) * 0.65)
@@ -140,6 +145,8 @@ def book_task(books: Path, out: Path, max_per_class: int) -> Dict[str, Path]:
             records = [r for rs in by_book.values() for r in rs[:max_per_class * 2]]
         paths[split] = write_jsonl(out / f"books-{split}.jsonl", records)
     paths["pretrain"], paths["heldout"] = pretrain, heldout
+    paths["sample"] = out / "heldout-sample.txt"  # the start of every book's held-out tail: pretraining's domain
+    paths["sample"].write_text("\n\n".join(sample))
     (out / "books-skipped.json").write_text(json.dumps(skipped))
     return paths
 
@@ -177,12 +184,14 @@ class Runner:
 
     def __init__(self, jobs: int, log: Path):
         self.jobs, self.log = jobs, log
+        self.reused = 0  # finished runs of an earlier invocation, not run again (nor timed) by this one
         log.mkdir(parents=True, exist_ok=True)
 
     def ftk(self, name: str, done: Path, *args: str) -> None:
         if done.exists():
+            self.reused += 1
             return
-        threads = ["hardware.num_threads=1"] if self.jobs > 1 and args[0] in ("pretrain", "finetune") else []
+        threads = ["hardware.num_threads=1"] if self.jobs > 1 and args[0] in ("pretrain", "finetune", "evaluate") else []
         multirun = ["-m"] if "-m" in args else []  # Hydra reads the flag only before the overrides
         cmd = [sys.executable, "-m", "ftk.cli.main", args[0], *multirun, *(a for a in args[1:] if a != "-m"), *threads]
         started = time.time()
@@ -298,10 +307,20 @@ def regimes(runner: Runner, out: Path, tasks, bases, wikitext: Path, mode: Mode)
         calls.append((f"regime-{regime}", sweep / f"seed{mode.regime_seeds - 1}" / "summary.json",
                       *classify(tasks["sst2"], bases["gpt"], f"regime={regime}",
                                 f"data.train_examples={mode.regime_budget}", f"train.max_steps={mode.regime_steps}",
-                                f"forgetting.data_path={wikitext}", "forgetting.max_blocks=64"),
+                                f"forgetting.data_path={wikitext}", f"forgetting.max_blocks={mode.forgetting_blocks}"),
                       *seeds_sweep(mode.regime_seeds), f"hydra.sweep.dir={sweep}"))
     runner.all(calls)
     return {regime: summaries(sweep, mode.regime_seeds) for regime, sweep in where.items()}
+
+
+def replay_text(pretrain: Path, mode: Mode) -> Path:
+    """The pretraining text replayed during fine-tuning: all of it, or the start of every book's share."""
+    if mode.replay_words is None:
+        return pretrain
+    sample = pretrain.parent / "replay-sample.txt"
+    sample.write_text("\n\n".join(" ".join(book.read_text().split()[:mode.replay_words])
+                                   for book in sorted(pretrain.glob("*.txt"))))
+    return sample
 
 
 def forgetting(runner: Runner, out: Path, tasks, bases, wikitext: Path, mode: Mode) -> Dict[str, dict]:
@@ -313,7 +332,7 @@ def forgetting(runner: Runner, out: Path, tasks, bases, wikitext: Path, mode: Mo
         f"lr {high:g} + early stopping": [f"train.lr={high}", f"train.eval_every={every}",
                                           "train.early_stopping_patience=2"],
         f"lr {high:g} + replay 25%": [f"train.lr={high}", "forgetting.replay_fraction=0.25",
-                                      f"forgetting.replay_path={tasks['books']['pretrain']}"],
+                                      f"forgetting.replay_path={replay_text(tasks['books']['pretrain'], mode)}"],
         f"lr {high:g} + L2-SP": [f"train.lr={high}", "forgetting.l2sp=1.0"],
     }
     calls, where = [], {}
@@ -323,9 +342,24 @@ def forgetting(runner: Runner, out: Path, tasks, bases, wikitext: Path, mode: Mo
         calls.append((f"forgetting-{i}", run / "summary.json",
                       *classify(tasks["sst2"], bases["gpt"], "regime=full", f"data.train_examples={mode.regime_budget}",
                                 f"train.max_steps={mode.forgetting_steps}", f"forgetting.data_path={wikitext}",
-                                "forgetting.max_blocks=64", *extra), f"hydra.run.dir={run}"))
+                                f"forgetting.max_blocks={mode.forgetting_blocks}", *extra), f"hydra.run.dir={run}"))
     runner.all(calls)
     return {name: json.loads((run / "summary.json").read_text()) for name, run in where.items()}
+
+
+def book_perplexity(runner: Runner, out: Path, books: Dict[str, Path], bases, forget: Dict[str, dict]) -> dict:
+    """Perplexity on held-out passages of the pretraining books (the knowledge pretraining put in), for the
+    pretrained GPT and each forgetting run (a classifier read through the base's LM head on its body)."""
+    models = {"pretrained": bases["gpt"], **{name: Path(s["final_dir"]) for name, s in forget.items()}}
+    calls, where = [], {}
+    for i, (name, model) in enumerate(models.items()):
+        run = out / "runs" / "books-ppl" / str(i)
+        where[name] = run
+        calls.append((f"books-ppl-{i}", run / "metrics.json", "evaluate", f"model.name_or_path={model}",
+                      "eval=perplexity", f"data.path={books['sample']}", "eval.context=256", "eval.stride=256",
+                      f"hydra.run.dir={run}"))
+    runner.all(calls)
+    return {name: json.loads((run / "metrics.json").read_text())["causal"]["perplexity"] for name, run in where.items()}
 
 
 def icl(runner: Runner, out: Path, tasks, bases, mode: Mode) -> dict:
@@ -362,12 +396,14 @@ def verdict(pre: Sequence[float], scratch: Sequence[float]) -> str:
     return f"{(m1 - m2) * 100:+.1f} ± {se * 100:.1f} ({word})"
 
 
-def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, forget, icl_result,
-           tasks, minutes: float) -> str:
+def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, forget, books_ppl, icl_result,
+           tasks, minutes: float, reused: int = 0) -> str:
     flag = "" if mode is FULL else f" {mode.name}"
     lines = [f"# Transfer experiment ({mode.name})", "",
              f"`python scripts/experiment_transfer.py{flag} --out {out}`; "
-             f"{minutes:.0f} minutes on this machine. Accuracies in percent, mean ± standard deviation over n seeds.",
+             f"{minutes:.0f} minutes on this machine" + (f" for this invocation, which reused {reused} finished runs of "
+                                                          "earlier ones" if reused else "")
+             + ". Accuracies in percent, mean ± standard deviation over n seeds.",
              ""]
     lines += ["## Pretraining (Gutenberg, last 15% of every book held out)", "",
               "| model | objective | parameters | steps | tokens | minutes | held-out loss | held-out perplexity |",
@@ -417,14 +453,21 @@ def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, f
                      f"{pm([r['forgetting']['ppl_ratio'] for r in runs], pct=False)} |")
     lines += ["", "Peak RSS of each regime's first seed (its own process); wall time includes loading and the "
               "forgetting measurement. Perplexity ratio = fine-tuned / pretrained perplexity on WikiText-2 valid "
-              "(64 blocks of 128 tokens), read through the base's LM head on the fine-tuned body.", ""]
+              f"({mode.forgetting_blocks} blocks of 128 tokens), read through the base's LM head on the fine-tuned body.", ""]
     lines += [f"## Forgetting and its mitigations (GPT, full fine-tuning, SST-2 {mode.regime_budget} labels, "
               f"{mode.forgetting_steps} steps, 1 seed)", "",
-              "| run | steps done | test accuracy | WikiText-2 perplexity | ratio |", "|---|---:|---:|---:|---:|"]
+              "| run | steps done | test accuracy | WikiText-2 perplexity | ratio | held-out books perplexity | ratio |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, s in forget.items():
         f = s["forgetting"]
         lines.append(f"| {name} | {s['steps']} | {s['test_accuracy'] * 100:.1f} | {f['base_ppl']:.1f} -> "
-                     f"{f['finetuned_ppl']:.1f} | {f['ppl_ratio']:.2f}x |")
+                     f"{f['finetuned_ppl']:.1f} | {f['ppl_ratio']:.2f}x | {books_ppl['pretrained']:.1f} -> "
+                     f"{books_ppl[name]:.1f} | {books_ppl[name] / books_ppl['pretrained']:.2f}x |")
+    wiki = next(iter(forget.values()))["forgetting"]["base_ppl"]
+    lines += ["", f"Held-out books: the first {SAMPLE_WORDS:,} words of every book's held-out tail (the pretraining "
+              "domain; context 256). WikiText-2 is modern encyclopaedic English, far from the 19th-century books the "
+              f"GPT learned: the pretrained GPT's perplexity there ({wiki:.0f}) is {wiki / books_ppl['pretrained']:.0f}x "
+              "its perplexity on the held-out books."]
     full_acc = regime_runs["full"]
     lines += ["", "## In-context learning of the pretrained GPT (SST-2 test)", "",
               "| shots | accuracy |", "|---:|---:|"]
@@ -520,10 +563,12 @@ def main() -> int:
     regime_runs = regimes(runner, out, tasks, bases, wikitext, mode)
     stage("forgetting and mitigations")
     forget = forgetting(runner, out, tasks, bases, wikitext, mode)
+    stage("perplexity on the held-out books")
+    books_ppl = book_perplexity(runner, out, tasks["books"], bases, forget)
     stage("in-context learning")
     icl_result = icl(runner, out, tasks, bases, mode)
-    text = report(out, mode, bases, lr_rows, lrs, curves, regime_runs, forget, icl_result, tasks,
-                  (time.time() - started) / 60)
+    text = report(out, mode, bases, lr_rows, lrs, curves, regime_runs, forget, books_ppl, icl_result, tasks,
+                  (time.time() - started) / 60, runner.reused)
     plots(out, mode, curves, regime_runs, tasks)
     print(text)
     stage(f"done: {out / 'report.md'}, {out / 'curves.png'}, {out / 'regimes.png'}")
