@@ -17,10 +17,12 @@ class BlockStream:
         self.n_blocks, self.seed = n_blocks, seed
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
+    def _arrange(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        if epoch != self._epoch:  # one epoch's order is kept: consecutive reads fall in the same epoch
+            self._epoch, self._order = epoch, self._arrange(epoch)
         return self._order
 
     def take(self, start: int, count: int) -> np.ndarray:
@@ -35,7 +37,7 @@ class BlockStream:
         return position / self.n_blocks
 
 
-class LengthGroupedStream:
+class LengthGroupedStream(BlockStream):
     """BlockStream's contract (seeded epochs, sample `i` computed directly, so resuming is exact and O(1)) for
     variable-length examples, arranged so that a batch holds examples of similar length.
 
@@ -85,18 +87,3 @@ class LengthGroupedStream:
             groups[0], groups[longest] = groups[longest], groups[0]
         return np.concatenate([head, *groups, *tail]).astype(np.int64)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, self._arrange(epoch)
-        return self._order
-
-    def take(self, start: int, count: int) -> np.ndarray:
-        """Example indices at stream positions start .. start+count-1."""
-        out = np.empty(count, dtype=np.int64)
-        for k in range(count):
-            epoch, offset = divmod(start + k, self.n_blocks)
-            out[k] = self._permutation(epoch)[offset]
-        return out
-
-    def epoch_at(self, position: int) -> float:
-        return position / self.n_blocks
