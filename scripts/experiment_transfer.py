@@ -74,6 +74,11 @@ class Mode:
     forgetting_blocks: int = 64              # WikiText-2 blocks of 128 tokens the forgetting ratio is read on
     replay_words: Optional[int] = None       # replay from this many words of each book's pretraining text
                                              # (None: all of it; tokenizing 8.8 MB costs a minute per run)
+    pretrain_extra: Dict[str, List[str]] = field(default_factory=dict)  # overrides of a model's pretraining recipe
+    eval_cap: Dict[str, int] = field(default_factory=dict)  # SST-2 / TREC examples at most per split (dev, test)
+    scaled_phases: bool = False              # gradual_unfreeze / head_then_full phases scaled to regime_steps
+                                             # (their defaults, 50 and 100 steps, outlast a short run)
+    regime_lrs: Dict[str, float] = field(default_factory=dict)  # a regime's lr instead of its default
     name: str = "full run"
 
 
@@ -82,23 +87,36 @@ FULL = Mode(pretrain_steps={"gpt": 900, "bert": 1500}, pretrain_minutes={"gpt": 
             curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
             lr_grid=[1e-4, 3e-4, 1e-3], lr_budget=200, regime_budget=1000, regime_steps=150, regime_seeds=2,
             forgetting_steps=300, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=300)
-QUICK = Mode(pretrain_steps={"gpt": 70, "bert": 120}, pretrain_minutes={"gpt": 5, "bert": 5}, seeds=2,
+# Ten minutes cannot pretrain gpt-tiny far enough for transfer to show (70 steps: held-out perplexity 414, books
+# pretrained vs scratch +3 within noise); half the width (1.9M parameters, 1.1M of them the embeddings) reads
+# twice the tokens per second, on small batches (more updates) at a higher rate: perplexity 306 after 700 steps,
+# and a clear in-domain gain for the BERT.
+# The masked LM wants the lower rate: at 3e-3 it stays on the unigram plateau (loss 6.5, every position the same
+# representation, fine-tuning from it at chance); at 1e-3 it leaves it after about 600 steps.
+SMALL = ["model.hidden_size=128", "model.num_heads=2", "train.seq_len=128", "train.batch_size=8", "train.warmup_steps=20"]
+QUICK = Mode(pretrain_steps={"gpt": 700, "bert": 750}, pretrain_minutes={"gpt": 6, "bert": 6}, seeds=2,
              budgets={"books": [5, 20], "sst2": [1000], "trec": [1000]},
              curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
-             lr_grid=[1e-3], lr_budget=200, regime_budget=500, regime_steps=20, regime_seeds=1,
-             forgetting_steps=60, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=30, step_cap=60,
-             forgetting_blocks=16, replay_words=4000, name="--quick")
+             lr_grid=[1e-3], lr_budget=200, regime_budget=1000, regime_steps=120, regime_seeds=1,
+             forgetting_steps=60, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=250, step_cap=120,
+             forgetting_blocks=16, replay_words=4000, eval_cap={"dev": 100, "test": 500},
+             pretrain_extra={"gpt": SMALL + ["train.lr=3e-3"], "bert": SMALL + ["train.lr=1e-3"]},
+             # 120 steps at 1e-4 leave a 1.9M model at chance whatever the regime
+             scaled_phases=True, regime_lrs={r: 1e-3 for r in ("full", "freeze_layers", "gradual_unfreeze")},
+             name="--quick")
 # The wiring on made-up data in about two minutes (tests/test_experiment_transfer.py); its numbers mean nothing.
 SMOKE = Mode(pretrain_steps={"gpt": 4, "bert": 4}, pretrain_minutes={"gpt": 2, "bert": 2}, seeds=2,
              budgets={"books": [2], "sst2": [8], "trec": [None]},
              curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
              lr_grid=[1e-3, 3e-4], lr_budget=8, regime_budget=8, regime_steps=2, regime_seeds=1,
-             forgetting_steps=4, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=4, step_cap=2, name="--smoke")
+             forgetting_steps=4, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=4, step_cap=2,
+             pretrain_extra={"gpt": SMALL + ["train.lr=3e-3"]}, eval_cap={"dev": 10, "test": 10}, scaled_phases=True,
+             regime_lrs={"full": 1e-3}, name="--smoke")
 
 
 def steps_for(labels: int, mode: Mode) -> int:
     """About 8 epochs for small budgets, capped for large ones (compute), at least 60 updates (full run)."""
-    return min(mode.step_cap, max(60, round(8 * labels / 16)) if mode is FULL else max(20, round(8 * labels / 48)))
+    return min(mode.step_cap, max(60, round(8 * labels / 16)) if mode is FULL else max(40, round(8 * labels / 48)))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -109,7 +127,18 @@ def prepare_data(data: Path, out: Path, mode: Mode) -> Dict[str, Dict[str, Path]
              "sst2": {split: to_jsonl(data / "sst2" / f"stsa.binary.{name}", out / f"sst2-{split}.jsonl")
                       for split, name in (("train", "train"), ("dev", "dev"), ("test", "test"))},
              "trec": trec_task(data / "trec", out)}
+    for name in ("sst2", "trec"):
+        for split, n in mode.eval_cap.items():
+            cap(tasks[name][split], n)
     return tasks
+
+
+def cap(path: Path, n: int) -> None:
+    """Keep a seeded sample of n lines (in file order): evaluation is a quick run's largest fixed cost."""
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) > n:
+        keep = sorted(random.Random(0).sample(range(len(lines)), n))
+        path.write_text("".join(lines[i] for i in keep))
 
 
 def book_task(books: Path, out: Path, max_per_class: int) -> Dict[str, Path]:
@@ -241,7 +270,7 @@ def pretrain(runner: Runner, out: Path, books: Dict[str, Path], mode: Mode) -> D
                       f"train.max_steps={mode.pretrain_steps[model]}",
                       f"train.max_minutes={mode.pretrain_minutes[model]}",
                       f"train.eval_every={max(25, mode.pretrain_steps[model] // 8)}", "train.eval_batches=25",
-                      "train.save_every=0", f"hydra.run.dir={run}"))
+                      "train.save_every=0", *mode.pretrain_extra.get(model, []), f"hydra.run.dir={run}"))
         finals[model] = run / "final"
     runner.all(calls)
     return finals
@@ -301,11 +330,15 @@ def data_efficiency(runner: Runner, out: Path, tasks, bases, lrs, mode: Mode) ->
 
 def regimes(runner: Runner, out: Path, tasks, bases, wikitext: Path, mode: Mode) -> Dict[str, List[dict]]:
     calls, where = [], {}
+    # a third of the steps on the head alone; the 4 blocks and the embeddings all unfrozen by the last sixth
+    phases = [f"regime.head_steps={max(1, mode.regime_steps // 3)}",
+              f"regime.unfreeze_every={max(1, mode.regime_steps // 6)}"] if mode.scaled_phases else []
     for i, regime in enumerate(REGIMES):
         sweep = out / "runs" / "regimes" / f"{i}-{regime}"
         where[regime] = sweep
         calls.append((f"regime-{regime}", sweep / f"seed{mode.regime_seeds - 1}" / "summary.json",
-                      *classify(tasks["sst2"], bases["gpt"], f"regime={regime}",
+                      *classify(tasks["sst2"], bases["gpt"], f"regime={regime}", *phases,
+                                *([f"train.lr={mode.regime_lrs[regime]}"] if regime in mode.regime_lrs else []),
                                 f"data.train_examples={mode.regime_budget}", f"train.max_steps={mode.regime_steps}",
                                 f"forgetting.data_path={wikitext}", f"forgetting.max_blocks={mode.forgetting_blocks}"),
                       *seeds_sweep(mode.regime_seeds), f"hydra.sweep.dir={sweep}"))
@@ -347,27 +380,24 @@ def forgetting(runner: Runner, out: Path, tasks, bases, wikitext: Path, mode: Mo
     return {name: json.loads((run / "summary.json").read_text()) for name, run in where.items()}
 
 
-def book_perplexity(runner: Runner, out: Path, books: Dict[str, Path], bases, forget: Dict[str, dict]) -> dict:
-    """Perplexity on held-out passages of the pretraining books (the knowledge pretraining put in), for the
-    pretrained GPT and each forgetting run (a classifier read through the base's LM head on its body)."""
+def evaluations(runner: Runner, out: Path, tasks, bases, forget: Dict[str, dict], mode: Mode) -> tuple:
+    """Two evaluate processes side by side: perplexity on held-out passages of the pretraining books (the
+    knowledge pretraining put in) for the pretrained GPT and each forgetting run (a classifier read through the
+    base's LM head on its body), and in-context learning of the pretrained GPT on SST-2 test."""
     models = {"pretrained": bases["gpt"], **{name: Path(s["final_dir"]) for name, s in forget.items()}}
-    calls, where = [], {}
-    for i, (name, model) in enumerate(models.items()):
-        run = out / "runs" / "books-ppl" / str(i)
-        where[name] = run
-        calls.append((f"books-ppl-{i}", run / "metrics.json", "evaluate", f"model.name_or_path={model}",
-                      "eval=perplexity", f"data.path={books['sample']}", "eval.context=256", "eval.stride=256",
-                      f"hydra.run.dir={run}"))
-    runner.all(calls)
-    return {name: json.loads((run / "metrics.json").read_text())["causal"]["perplexity"] for name, run in where.items()}
-
-
-def icl(runner: Runner, out: Path, tasks, bases, mode: Mode) -> dict:
-    run = out / "runs" / "icl-gpt-sst2"
-    runner.ftk("icl-gpt-sst2", run / "metrics.json", "evaluate", f"model.name_or_path={bases['gpt']}", "eval=icl",
-               "eval.shots=0,1,8", f"eval.num_test={mode.icl_test}", f"data.path={tasks['sst2']['train']}",
-               f"data.validation_path={tasks['sst2']['test']}", "eval.context=256", f"hydra.run.dir={run}")
-    return json.loads((run / "metrics.json").read_text())["icl"]
+    ppl, icl = out / "runs" / "books-ppl", out / "runs" / "icl-gpt-sst2"
+    runner.all([
+        # one process, one Hydra job per model (start-up paid once); job k reads the k-th model
+        ("books-ppl", ppl / str(len(models) - 1) / "metrics.json", "evaluate", "-m",
+         "model.name_or_path=" + ",".join(str(m) for m in models.values()), "eval=perplexity",
+         f"data.path={tasks['books']['sample']}", "eval.context=256", "eval.stride=256", f"hydra.sweep.dir={ppl}",
+         "hydra.sweep.subdir=${hydra.job.num}"),
+        ("icl-gpt-sst2", icl / "metrics.json", "evaluate", f"model.name_or_path={bases['gpt']}", "eval=icl",
+         "eval.shots=0,1,8", f"eval.num_test={mode.icl_test}", f"data.path={tasks['sst2']['train']}",
+         f"data.validation_path={tasks['sst2']['test']}", "eval.context=256", f"hydra.run.dir={icl}")])
+    books_ppl = {name: json.loads((ppl / str(k) / "metrics.json").read_text())["causal"]["perplexity"]
+                 for k, name in enumerate(models)}
+    return books_ppl, json.loads((icl / "metrics.json").read_text())["icl"]
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -401,7 +431,7 @@ def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, f
     flag = "" if mode is FULL else f" {mode.name}"
     lines = [f"# Transfer experiment ({mode.name})", "",
              f"`python scripts/experiment_transfer.py{flag} --out {out}`; "
-             f"{minutes:.0f} minutes on this machine" + (f" for this invocation, which reused {reused} finished runs of "
+             f"{minutes:.1f} minutes on this machine" + (f" for this invocation, which reused {reused} finished runs of "
                                                           "earlier ones" if reused else "")
              + ". Accuracies in percent, mean ± standard deviation over n seeds.",
              ""]
@@ -414,6 +444,9 @@ def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, f
                      f"{s['steps']:,} | {s['tokens_seen']:,} | {s['train_time_s'] / 60:.1f} | "
                      f"{s['final_eval_loss']:.3f} | {s['final_eval_ppl']:.1f} |")
     lines += ["", "(BERT's perplexity is over masked tokens only, GPT's over every next token: not comparable.)", ""]
+    if mode.pretrain_extra:
+        lines += ["Pretraining overrides of this mode: " + "; ".join(
+            f"{model}: `{' '.join(extra)}`" for model, extra in mode.pretrain_extra.items()) + ".", ""]
     if lr_rows:
         grid = [f"{lr:g}" for lr in mode.lr_grid]
         lines += [f"## Learning rate (full fine-tuning, SST-2 dev accuracy at {mode.lr_budget} labels, seed 0)", "",
@@ -441,8 +474,9 @@ def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, f
               f"{PASSAGE_WORDS}-word passage from the held-out tails comes from; {size['books']}; chance "
               f"{100 / classes['books']:.1f}%; too short a tail for the task: {', '.join(skipped) or 'none'}). "
               "Label budgets are seeded, class-stratified, nested samples (data.train_examples).", ""]
-    lines += [f"## Regimes (GPT, SST-2, {mode.regime_budget} labels, {mode.regime_steps} steps, each regime's default "
-              "learning rate)", "",
+    rates = "each regime's default learning rate" + (" except " + ", ".join(
+        f"{r} {lr:g}" for r, lr in mode.regime_lrs.items()) if mode.regime_lrs else "")
+    lines += [f"## Regimes (GPT, SST-2, {mode.regime_budget} labels, {mode.regime_steps} steps, {rates})", "",
               "| regime | trainable | peak RSS | wall time | test accuracy | WikiText-2 perplexity ratio |",
               "|---|---:|---:|---:|---:|---:|"]
     for regime, runs in regime_runs.items():
@@ -563,10 +597,8 @@ def main() -> int:
     regime_runs = regimes(runner, out, tasks, bases, wikitext, mode)
     stage("forgetting and mitigations")
     forget = forgetting(runner, out, tasks, bases, wikitext, mode)
-    stage("perplexity on the held-out books")
-    books_ppl = book_perplexity(runner, out, tasks["books"], bases, forget)
-    stage("in-context learning")
-    icl_result = icl(runner, out, tasks, bases, mode)
+    stage("perplexity on the held-out books; in-context learning")
+    books_ppl, icl_result = evaluations(runner, out, tasks, bases, forget, mode)
     text = report(out, mode, bases, lr_rows, lrs, curves, regime_runs, forget, books_ppl, icl_result, tasks,
                   (time.time() - started) / 60, runner.reused)
     plots(out, mode, curves, regime_runs, tasks)

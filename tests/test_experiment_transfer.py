@@ -75,6 +75,16 @@ def test_trec_coarse_labels_and_a_dev_split_held_out_of_train(tmp_path):
     assert not {r["text"] for r in train} & {r["text"] for r in dev}
 
 
+def test_evaluation_sets_are_capped_to_a_seeded_sample_in_file_order(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(f"{i}\n" for i in range(100)))
+    transfer.cap(path, 30)
+    kept = [int(line) for line in path.read_text().splitlines()]
+    assert len(kept) == 30 and kept == sorted(kept) and kept != list(range(30))
+    transfer.cap(path, 50)  # already smaller: untouched
+    assert [int(line) for line in path.read_text().splitlines()] == kept
+
+
 def test_verdict_calls_a_difference_clear_only_beyond_two_standard_errors():
     assert "clear" in transfer.verdict([0.8, 0.82, 0.81], [0.5, 0.52, 0.51])
     assert "within noise" in transfer.verdict([0.6, 0.7, 0.5], [0.55, 0.65, 0.6])
@@ -98,6 +108,14 @@ def test_smoke_runs_every_stage_to_a_report(tmp_path):
         assert f"| {regime} |" in report
     assert report.count("(n=2)") >= 8  # pretrained and scratch cells of every curve point, two seeds each
     assert (out / "curves.png").stat().st_size > 10_000 and (out / "regimes.png").stat().st_size > 10_000
+    # the mode's knobs reach the runs: the small pretraining shape, capped evaluation sets, scaled phases, rates
+    overrides = (out / "runs" / "pretrain-gpt" / ".hydra" / "overrides.yaml").read_text()
+    assert "model.hidden_size=128" in overrides and "train.lr=3e-3" in overrides
+    assert sum(1 for _ in (out / "data" / "sst2-test.jsonl").open()) == 10
+    regime_runs = out / "runs" / "regimes"
+    assert "regime.head_steps=1" in (regime_runs / "7-head_then_full" / "seed0" / ".hydra" / "overrides.yaml").read_text()
+    assert "train.lr=0.001" in (regime_runs / "0-full" / "seed0" / ".hydra" / "overrides.yaml").read_text()
+    assert "| full, lr 0.001 |" in report and "except full 0.001" in report
     # finished runs are reused: a second invocation only rewrites the report
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0
