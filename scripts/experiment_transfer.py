@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The paradigm, measured: does pretraining make fine-tuning data-efficient, and what does each regime cost?
 
-    python scripts/experiment_transfer.py --quick            # < 10 minutes: every effect, small
+    python scripts/experiment_transfer.py --quick            # < 10 minutes: every stage, half-width models
     python scripts/experiment_transfer.py                    # ~90 minutes of a 2-core CPU: the report
     python scripts/experiment_transfer.py --out DIR --data ../shared/data --jobs 2
 
@@ -564,7 +564,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA, help="folder with gutenberg/, sst2/, trec/, wikitext-2/")
     ap.add_argument("--out", type=Path, default=None, help="report folder (default bench-out/transfer[-quick])")
-    ap.add_argument("--quick", action="store_true", help="every effect, small: under 10 minutes")
+    ap.add_argument("--quick", action="store_true", help="every stage with half-width models, under 10 minutes (README: what it can and cannot show)")
     ap.add_argument("--smoke", action="store_true", help="the wiring only, a few steps of everything (tests)")
     ap.add_argument("--jobs", type=int, default=2, help="fine-tuning runs at once (one CPU thread each)")
     args = ap.parse_args()
