@@ -93,7 +93,8 @@ FULL = Mode(pretrain_steps={"gpt": 900, "bert": 1500}, pretrain_minutes={"gpt": 
 # and a clear in-domain gain for the BERT.
 # The masked LM wants the lower rate: at 3e-3 it stays on the unigram plateau (loss 6.5, every position the same
 # representation, fine-tuning from it at chance); at 1e-3 it leaves it after about 600 steps.
-SMALL = ["model.hidden_size=128", "model.num_heads=2", "train.seq_len=128", "train.batch_size=8", "train.warmup_steps=20"]
+SMALL = ["model.hidden_size=128", "model.num_heads=2", "train.seq_len=128", "train.batch_size=8",
+         "train.warmup_steps=20"]
 QUICK = Mode(pretrain_steps={"gpt": 700, "bert": 750}, pretrain_minutes={"gpt": 6, "bert": 6}, seeds=2,
              budgets={"books": [5, 20], "sst2": [1000], "trec": [1000]},
              curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
@@ -564,7 +565,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA, help="folder with gutenberg/, sst2/, trec/, wikitext-2/")
     ap.add_argument("--out", type=Path, default=None, help="report folder (default bench-out/transfer[-quick])")
-    ap.add_argument("--quick", action="store_true", help="every stage with half-width models, under 10 minutes (README: what it can and cannot show)")
+    ap.add_argument("--quick", action="store_true",
+                    help="every stage with half-width models, under 10 minutes (README: what it can and cannot show)")
     ap.add_argument("--smoke", action="store_true", help="the wiring only, a few steps of everything (tests)")
     ap.add_argument("--jobs", type=int, default=2, help="fine-tuning runs at once (one CPU thread each)")
     args = ap.parse_args()
