@@ -16,11 +16,22 @@ from ftk.schemas import Device, Optimizer, Precision, Strategy
 # Runs shorter than this many optimizer steps do not recover torch.compile's start-up cost.
 COMPILE_MIN_STEPS = 300
 # On a CPU compile stays off unless asked for (hardware.compile=true). Measured on the 14M GPT-2 of
-# scripts/bench_throughput.py (AVX-512 BF16, torch 2.13, bf16 autocast, GELU fused by use_fused_kernels): a
-# compiled step took as long as the eager one in CPU time on one thread (1.005x, interleaved steps), and was
-# 1.08x faster in wall time on two threads on a machine loaded by other jobs; compilation cost 64 s on a fresh
-# inductor cache (5.5 s warm). Not a clear enough gain for a default; `bench_throughput.py --compile-row`
-# re-measures it on an idle machine.
+# scripts/bench_throughput.py (AVX-512 BF16, torch 2.13, bf16 autocast, matmul attention, chunked
+# cross-entropy): a compiled step took 0.693 s against 0.675 s eager (0.99x), after 42 s of compilation on a
+# fresh inductor cache (10 s warm). Inductor fuses the elementwise work between the matmuls, and ftk's CPU
+# attention and loss already do that where it counted; `bench_throughput.py --compile-row` re-measures it.
+
+# ftk.cpu_attention keeps each layer's (batch x heads x seq x seq) attention probabilities for the backward
+# pass, which the flash kernel does not; beyond this size per layer (batch 8 x 12 heads x 512 x 512 in bf16 is
+# 48 MiB) calls go to SDPA, whose memory grows linearly with the sequence. Here, not in ftk.cpu_attention, so
+# that the memory planner can read it without importing torch.
+MAX_ATTENTION_PROBS_BYTES = 64 << 20
+
+
+def probs_bytes(batch: int, heads: int, seq: int, itemsize: int = 2) -> int:
+    """What one layer keeps for its backward pass on the matmul-attention path (0 where it defers to SDPA)."""
+    size = batch * heads * seq * seq * itemsize
+    return size if size <= MAX_ATTENTION_PROBS_BYTES else 0
 
 
 @dataclass
@@ -33,6 +44,7 @@ class Plan:
     optimizer: str          # "adamw" | "adamw_fused" | "adamw_8bit"
     compile: bool
     strategy: str           # "none" | "ddp" | "fsdp"
+    matmul_attention: bool = False  # SDPA replaced by ftk.cpu_attention (CPU bf16 only)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +64,7 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve(hw: Any, batch_size: int, max_steps: int) -> Plan:
+    """The plan for `hw` (a HardwareConfig) and a run of `max_steps` steps of `batch_size` sequences."""
     import torch
 
     device = Device(hw.device)
@@ -82,6 +95,9 @@ def resolve(hw: Any, batch_size: int, max_steps: int) -> Plan:
     if optimizer is Optimizer.auto:
         optimizer = Optimizer.adamw_fused  # torch's fused AdamW runs on CPU and CUDA alike
     compile_ = hw.compile if hw.compile is not None else (device is Device.cuda and max_steps >= COMPILE_MIN_STEPS)
+    cpu_bf16 = device is Device.cpu and precision is Precision.bf16
+    matmul_attention = getattr(hw, "matmul_attention", None)
+    matmul_attention = cpu_bf16 if matmul_attention is None else bool(matmul_attention) and cpu_bf16
 
     strategy = Strategy(hw.strategy)
     if strategy is Strategy.auto:
@@ -90,7 +106,7 @@ def resolve(hw: Any, batch_size: int, max_steps: int) -> Plan:
         raise UsageError(f"hardware.strategy=none but {world} processes were launched; use hardware.strategy=ddp "
                          "(or auto), or launch one process")
     return Plan(device.value, precision.value, world, micro, per_process // micro, optimizer.value,
-                bool(compile_), strategy.value)
+                bool(compile_), strategy.value, matmul_attention)
 
 
 def set_threads(num_threads: Optional[int]) -> None:

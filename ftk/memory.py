@@ -361,6 +361,7 @@ class Setup:
     num_labels: int = DEFAULT_NUM_LABELS
     mlm_probability: float = 0.15
     finetuning: bool = True          # False for `ftk pretrain`: no regime changes are suggested
+    matmul_attention: bool = False   # ftk.cpu_attention (CPU bf16): keeps each layer's attention probabilities
     batch_size: Optional[int] = None  # global batch (sequences per optimizer step), for the accumulation shown
 
 
@@ -613,7 +614,11 @@ def _components(s: Shape, u: Setup) -> Estimate:
         per_token = c.h_fp32_mixed * h * resid + (c.h_16_mixed * h + 2 * kv + c.i * i) * low
     else:
         per_token = (c.h * h + 2 * kv + c.i * i) * low
-    per_token += s.num_heads * 4  # SDPA's logsumexp
+    from ftk.hardware import probs_bytes
+
+    probs = probs_bytes(u.micro_batch_size, s.num_heads, seq) if u.matmul_attention else 0
+    # the matmul attention's probabilities (ftk.cpu_attention), or SDPA's logsumexp
+    per_token += probs // n if probs else s.num_heads * 4
     lora_copies = 0
     if frozen:
         if autocast:
@@ -654,18 +659,32 @@ def _components(s: Shape, u: Setup) -> Estimate:
     details["activations"] = how
     # One block's backward working set: its recomputed activations (checkpointing) and the gradients of its
     # intermediates. It comes after the logits' backward has freed its buffers, so the peak takes the larger.
-    working = n * (2 * i + 2 * h) * act if graph_layers else 0
+    working = (n * (2 * i + 2 * h) * act + 2 * probs) if graph_layers else 0  # + the probabilities' gradients
     transient = int(recompute + working)
     details["working"] = ("one block recomputed + " if recompute else "") + "gradients of its intermediates"
 
     # -- logits and loss
+    # On a CPU the loss is ftk.objectives.cross_entropy's: the logits and their gradient, in the logits' dtype,
+    # plus a chunk of rows in float32; on CUDA F.cross_entropy's float32 copy, log-softmax and gradient.
+    from ftk.objectives import LOSS_CHUNK_ROWS
+
+    cpu_loss = u.device == "cpu"
+    chunk = 2 * LOSS_CHUNK_ROWS * head.logits * 4
     if u.objective in ("clm", "sft"):
-        logits = 3 * n * head.logits * 4
-        details["logits"] = f"3 x {n:,} tokens x {head.logits:,} logits x 4 B"
+        if cpu_loss:
+            logits = 2 * n * head.logits * low + chunk
+            details["logits"] = f"2 x {n:,} tokens x {head.logits:,} logits x {low} B + a float32 chunk"
+        else:
+            logits = 3 * n * head.logits * 4
+            details["logits"] = f"3 x {n:,} tokens x {head.logits:,} logits x 4 B"
     elif u.objective == "mlm":
         picked = int(u.mlm_probability * n)
-        logits = n * head.logits * low + 3 * picked * head.logits * 4
-        details["logits"] = f"{n:,} tokens x {head.logits:,} logits, the masked {picked:,} x 3 in float32"
+        if cpu_loss:
+            logits = n * head.logits * low + 2 * picked * head.logits * low + chunk
+            details["logits"] = f"{n:,} tokens x {head.logits:,} logits, the masked {picked:,} x 2, x {low} B"
+        else:
+            logits = n * head.logits * low + 3 * picked * head.logits * 4
+            details["logits"] = f"{n:,} tokens x {head.logits:,} logits, the masked {picked:,} x 3 in float32"
     else:
         logits = 0
         details["logits"] = "one prediction per sequence: negligible"
@@ -871,6 +890,7 @@ def setup_from_cfg(cfg: Any, *, devices: Optional[int] = None, plan: Any = None,
     if plan is not None:
         device, precision, world = plan.device, plan.precision, plan.world_size
         micro, optimizer, strategy = plan.micro_batch_size, plan.optimizer, plan.strategy
+        matmul_attention = bool(getattr(plan, "matmul_attention", False))
     else:
         from ftk.hardware import world_size
 
@@ -883,6 +903,7 @@ def setup_from_cfg(cfg: Any, *, devices: Optional[int] = None, plan: Any = None,
         optimizer = (Optimizer.adamw_fused if optimizer is Optimizer.auto else optimizer).value
         strategy = Strategy(hw.strategy)
         strategy = (Strategy.ddp if world > 1 else Strategy.none).value if strategy is Strategy.auto else strategy.value
+        matmul_attention = device == "cpu" and precision == "bf16" and hw.get("matmul_attention") is not False
     objective = cfg.objective.name
     objective = getattr(objective, "value", objective)
     regime = getattr(r.name, "value", r.name) if r is not None else "full"
@@ -894,7 +915,8 @@ def setup_from_cfg(cfg: Any, *, devices: Optional[int] = None, plan: Any = None,
         target_modules=tuple(r.target_modules) if r is not None and r.target_modules else None,
         num_virtual_tokens=r.num_virtual_tokens if r is not None else 20,
         freeze_layers=r.freeze_layers if r is not None else 0,
-        mlm_probability=cfg.objective.mlm_probability, finetuning=finetuning, batch_size=t.batch_size)
+        mlm_probability=cfg.objective.mlm_probability, finetuning=finetuning, batch_size=t.batch_size,
+        matmul_attention=matmul_attention)
 
 
 # ------------------------------------------------------------------------------------------------ reports

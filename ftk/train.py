@@ -25,6 +25,7 @@ import torch
 
 from ftk import checkpoint
 from ftk.checkpoint import TrainState
+from ftk.cpu_attention import use_matmul_attention
 from ftk.data.sampler import BlockStream
 from ftk.errors import NumericError, Preempted
 from ftk.schemas import OnNonFinite
@@ -178,6 +179,8 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
         checkpoint.load_model_weights(model, resume_from / "model")
 
     use_fused_kernels(model)  # the same functions in fused kernels (GPT-2's gelu_new): see ftk.hardware
+    if plan.matmul_attention:
+        use_matmul_attention(model)  # CPU bf16: SDPA's flash kernel is slower than matmuls; see ftk.cpu_attention
     optimizer = build_optimizer(model, t, plan.optimizer, plan.device)
     scheduler = build_scheduler(optimizer, t, lr_multiplier)
     # Under FSDP, prepare() shards the model (weights loaded above, on every rank, are cut into shards) and

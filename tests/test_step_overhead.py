@@ -27,7 +27,8 @@ def sliced_loss(model, inputs):
     targets = ids[:, 1:]
     if "attention_mask" in inputs:
         targets = targets.masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
-    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
+                            targets.flatten(), ignore_index=-100,
                             reduction="sum")
     return total, (targets != -100).sum()
 

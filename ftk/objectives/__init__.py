@@ -10,6 +10,10 @@ from typing import Any
 
 from ftk.schemas import Objective
 
+# Rows of logits ftk.objectives.cross_entropy handles at a time (here so the memory planner reads it without
+# importing torch): 256 x 8,192 float32 logits = 8 MiB, a working set near the caches.
+LOSS_CHUNK_ROWS = 256
+
 
 def token_logits(model: Any, inputs: Any):
     """The model's logits, one row per input token. Under prompt tuning peft prepends the soft prompt's

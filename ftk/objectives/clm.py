@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ftk.objectives import token_logits
+from ftk.objectives.cross_entropy import summed_cross_entropy
 
 
 class CausalLM:
@@ -33,6 +34,5 @@ class CausalLM:
         targets = F.pad(ids[:, 1:], (0, 1), value=-100)
         if "attention_mask" in inputs:  # padded batches (fine-tuning): no loss on padding
             targets = targets.masked_fill(F.pad(inputs["attention_mask"][:, 1:], (0, 1), value=0) == 0, -100)
-        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                reduction="sum")
+        total = summed_cross_entropy(logits.flatten(0, 1), targets.flatten())
         return total, (targets != -100).sum()

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ftk.objectives import token_logits
+from ftk.objectives.cross_entropy import summed_cross_entropy
 
 
 class MaskedLM:
@@ -51,5 +51,5 @@ class MaskedLM:
         labels = inputs["labels"]
         logits = token_logits(model, inputs)
         picked = labels != -100  # the LM head's output is only needed where there is a target
-        total = F.cross_entropy(logits[picked].float(), labels[picked], reduction="sum")
+        total = summed_cross_entropy(logits[picked], labels[picked])
         return total, picked.sum()

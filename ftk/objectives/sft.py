@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ftk.objectives import token_logits
+from ftk.objectives.cross_entropy import summed_cross_entropy
 
 
 class SupervisedFineTuning:
@@ -39,5 +39,5 @@ class SupervisedFineTuning:
         targets = self._targets(inputs)
         keep = targets != -100
         # Only the labelled positions are upcast: prompts are often most of the tokens.
-        total = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+        total = summed_cross_entropy(logits[:, :-1][keep], targets[keep])
         return total, keep.sum()
