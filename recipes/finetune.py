@@ -59,9 +59,9 @@ def finetune(cfg: DictConfig) -> dict:
         raise UsageError(f"cannot read the config of model '{base}': {str(exc).strip().splitlines()[0]}") from None
     from ftk import memory
 
+    planned = memory.check_before_launch(cfg, base_config, say, plan=session.plan)  # exit 2 when it cannot fit
     if session.plan.device == "cpu":
-        memory.release_freed_cpu_memory()  # freed tensors go back to the OS: the resident size tracks the plan
-    memory.check_before_launch(cfg, base_config, say, plan=session.plan)  # stops (exit 2) when it cannot fit
+        memory.set_cpu_allocator(planned, say)  # keep freed tensors for reuse unless memory is tight
     tokenizer = setup.load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
     padding_side = setup.padding_side(objective, regime, base_config)
     with session.accelerator.main_process_first():

@@ -37,9 +37,9 @@ def pretrain(cfg: DictConfig) -> dict:
     say = session.say
     from ftk import memory
 
+    planned = memory.check_before_launch(cfg, None, say, plan=session.plan)  # exit 2 when it cannot fit
     if session.plan.device == "cpu":
-        memory.release_freed_cpu_memory()  # freed tensors go back to the OS: the resident size tracks the plan
-    memory.check_before_launch(cfg, None, say, plan=session.plan)  # stops (exit 2) when the run cannot fit
+        memory.set_cpu_allocator(planned, say)  # keep freed tensors for reuse unless memory is tight
     objective_name = cfg.objective.name.value
 
     with session.accelerator.main_process_first():  # rank 0 fills the caches, the others then read them

@@ -395,3 +395,19 @@ def test_pretrain_stops_before_loading_when_it_cannot_fit(corpus_dir, tmp_path, 
     err = capsys.readouterr().err
     assert "does not fit" in err and "hardware.check_memory=false" in err
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_cpu_allocator_keeps_freed_memory_unless_the_plan_is_tight():
+    """Reuse (fast steps) when the planned peak with glibc's reuse overhead fits the budget or there is no
+    plan; release (the planner's figures hold) when it does not, said in one line."""
+    from types import SimpleNamespace
+
+    said = []
+    roomy = SimpleNamespace(total=10 << 30, budget=20 << 30)
+    tight = SimpleNamespace(total=10 << 30, budget=15 << 30)  # 10 GiB x 1.8 > 15 GiB
+    assert memory.set_cpu_allocator(roomy, said.append) == "reuse"
+    assert memory.set_cpu_allocator(None, said.append) == "reuse"  # hardware.check_memory=false: no plan
+    assert not said
+    assert memory.set_cpu_allocator(tight, said.append) == "release"
+    assert len(said) == 1 and "freed tensors go back to the OS" in said[0]
+    memory.reuse_freed_cpu_memory()  # leave this test process as ftk leaves a roomy run
