@@ -2,7 +2,7 @@
 """Training throughput on this machine: ftk's loop against the Hugging Face Trainer, same model, data and steps.
 
     python scripts/bench_throughput.py --quick     # about 3 minutes: pretraining + full/LoRA/QLoRA fine-tuning
-    python scripts/bench_throughput.py             # the measurement to quote (about 10-12 minutes)
+    python scripts/bench_throughput.py             # the measurement to quote (about 15 minutes)
     python scripts/bench_throughput.py --steps 60 --warmup 10 --rounds 3 --threads 2 --compile
     python scripts/bench_throughput.py --smoke     # tiny model, 2 steps: checks the script runs (numbers mean nothing)
 
@@ -10,13 +10,17 @@ What it measures (issue 7), in one invocation:
 
 * Pretraining a 14M-parameter GPT-2 (6 layers, width 384, 6 heads, vocab 8192, tied embeddings, no dropout),
   batch 8 x 256, built from a fixed seed. ftk runs its real loop, `ftk.train.run`, with a `BlockSource`, the
-  CLM objective, a `Plan` (cpu, bf16, adamw_fused, compile off unless --compile) and
-  `Accelerator(cpu=True, mixed_precision="bf16")`. The Trainer runs with its best settings on this CPU
-  (bf16=True, optim="adamw_torch_fused"). Both get the same initial weights (checked by a fingerprint),
+  CLM objective, the `Plan` ftk's hardware planner makes for hardware=cpu (here: bf16, adamw_fused, matmul
+  attention, compile off; --compile / --no-compile override compile), `Accelerator(cpu=True,
+  mixed_precision="bf16")` and the allocator setting `ftk pretrain` picks when the memory plan fits
+  (ftk.memory.set_cpu_allocator). The Trainer runs with its best settings on this CPU (bf16=True,
+  optim="adamw_torch_fused"; SDPA, the model's configured attention). Both get the same initial weights
+  (checked by a fingerprint),
   the same blocks in the same order (ftk's BlockStream order, fed to the Trainer sequentially), the same
   AdamW hyper-parameters, gradient clipping and cosine schedule (no lr warm-up, so the two schedules are
   identical), and the same number of steps. The sides alternate (ftk, Trainer, ftk, Trainer, ...) for
-  --rounds rounds in this process (or one fresh process per run with --isolate).
+  --rounds rounds, each run in a fresh process, so that neither inherits the other's process-wide settings
+  (the allocator, thread pools); --same-process runs them all in this one.
 * Fine-tuning the same model, saved as a base: full, LoRA (r=8, alpha=16, dropout 0.05 on peft's GPT-2
   default target c_attn) and QLoRA (NF4 double-quantised base, bf16 compute, the same LoRA), through ftk's
   regimes (`ftk.regimes.apply`, `ftk.regimes.qlora_base.load_4bit_base`) and through Trainer + peft.
@@ -48,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -265,13 +269,21 @@ def _counts(model):
     return count_parameters(model)
 
 
+def ftk_plan(shape: Shape):
+    """The plan ftk makes itself on this machine (hardware=cpu, everything else auto) for a run long enough
+    for compile to pay off where ftk thinks it does (the timed steps here are a slice of such a run)."""
+    from ftk import hardware
+    from ftk.schemas import HardwareConfig
+
+    return hardware.resolve(HardwareConfig(device="cpu"), shape.batch, hardware.COMPILE_MIN_STEPS)
+
+
 def _ftk_run(job: Dict[str, Any], model) -> Dict[str, Any]:
     import numpy as np
     from accelerate import Accelerator
     from omegaconf import OmegaConf
 
-    from ftk import train
-    from ftk.hardware import Plan
+    from ftk import memory, train
     from ftk.objectives.clm import CausalLM
     from ftk.schemas import Schedule, TrainConfig
 
@@ -281,8 +293,10 @@ def _ftk_run(job: Dict[str, Any], model) -> Dict[str, Any]:
         max_steps=steps, batch_size=shape.batch, seq_len=shape.seq_len, lr=job["lr"], warmup_steps=0,
         schedule=Schedule.cosine, weight_decay=job["weight_decay"], beta2=job["beta2"], max_grad_norm=1.0,
         log_every=1, eval_every=0, eval_batches=1, save_every=0, keep_last=1, seed=job["seed"]))
-    plan = Plan(device="cpu", precision="bf16", world_size=1, micro_batch_size=shape.batch, grad_accum=1,
-                optimizer="adamw_fused", compile=bool(job["compile"]), strategy="none")
+    plan = replace(ftk_plan(shape), compile=bool(job["compile"]))
+    # As `ftk pretrain` / `ftk finetune` on this machine, where the plan fits with room to spare: freed tensors
+    # stay in the heap for the next step (ftk.memory.set_cpu_allocator). This is process-wide, hence --isolate.
+    memory.set_cpu_allocator(None, lambda _: None)
     # As ftk.session.start does: ftk's compile switch is accelerate's dynamo backend (prepare() wraps the model
     # in torch.compile). Plan(compile=True) alone compiles nothing: the loop itself never calls torch.compile.
     accelerator = Accelerator(cpu=True, mixed_precision="bf16",
@@ -299,7 +313,8 @@ def _ftk_run(job: Dict[str, Any], model) -> Dict[str, Any]:
         shutil.rmtree(run_dir, ignore_errors=True)
     logged = {r["step"]: r for r in result.history if "loss" in r}
     elapsed = {0: 0.0, **{s: r["elapsed_s"] for s, r in logged.items()}}
-    return {"times": [elapsed[s] for s in range(steps + 1)],
+    return {"attention": getattr(getattr(model, "config", None), "_attn_implementation", "?"),
+            "times": [elapsed[s] for s in range(steps + 1)],
             "losses": [logged[s]["loss"] for s in range(1, steps + 1)],
             "final_eval_loss": result.final_eval.get("eval_loss")}
 
@@ -399,7 +414,9 @@ def prime(job: Dict[str, Any]) -> None:
         work.mkdir(parents=True, exist_ok=True)
         np.save(work / "train.npy", token_blocks(4 * SMOKE_SHAPE.batch, SMOKE_SHAPE, 0))
         np.save(work / "validation.npy", token_blocks(SMOKE_SHAPE.batch, SMOKE_SHAPE, 1))
-    for side in ("ftk", "trainer"):
+    # In a process of its own (--isolate, the default) a run primes only its own side: an ftk run sets the
+    # process's allocator (ftk.memory.set_cpu_allocator), which the Trainer run must not inherit.
+    for side in (job["side"],) if job.get("isolated") else ("ftk", "trainer"):
         tiny = {**job, "regime": "pretrain", "side": side, "shape": asdict(SMOKE_SHAPE), "steps": 1, "warmup": 1,
                 "work": str(work), "compile": False}
         _reset_accelerate()
@@ -436,6 +453,7 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     _release_memory()
     return {
         **{k: job[k] for k in ("regime", "side", "round", "compile", "steps", "warmup")},
+        "plan_compile": job.get("plan_compile", False),
         "tokens_per_s": steps * shape.batch * shape.seq_len / max(timed, 1e-9), "timed_s": timed,
         "step_s_median": statistics.median(step_s), "step_s_max": max(step_s),
         # The first step carries torch.compile's tracing and kernel generation (and any lazy set-up); what it
@@ -446,13 +464,14 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
         "final_eval_loss": run["final_eval_loss"], "peak_added": memory.added, "peak_rss": memory.peak,
         "wall_s": wall, "trainable": trainable, "total": total, "fingerprint": fp,
         "compiled_graphs": _compiled_graphs() - graphs, "threads": torch.get_num_threads(),
+        "attention": run.get("attention", "sdpa"),
     }
 
 
 def run_isolated(job: Dict[str, Any]) -> Dict[str, Any]:
     """run_job in a fresh Python process: nothing (allocator, caches, threads) carries over between runs."""
     spec = Path(job["work"]) / f"job-{job['regime']}-{job['side']}-{int(job['compile'])}-{job['round']}.json"
-    spec.write_text(json.dumps(job))
+    spec.write_text(json.dumps({**job, "isolated": True}))
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -483,13 +502,15 @@ def _what(side: str, regime: str, compile_: bool, results: List[Dict[str, Any]])
     if side == "ftk":
         comp = "compile off" if not compile_ else (
             f"compile on ({graphs} graphs)" if graphs else "compile requested (plan.compile) but not applied by ftk")
-        core = f"ftk.train.run, bf16 autocast, adamw_fused, {comp}"
+        attention = {"ftk_cpu_matmul": "matmul attention"}.get(results[0].get("attention", ""), "SDPA") \
+            if results else "SDPA"
+        core = f"ftk.train.run, bf16 autocast, adamw_fused, {attention}, chunked cross-entropy, {comp}"
         extra = {"full": "; regime full", "lora": "; regime lora",
                  "qlora": "; load_4bit_base + regime qlora"}.get(regime, "")
     else:
         comp = "torch_compile off" if not compile_ else (
             f"torch_compile on ({graphs} graphs)" if graphs else "torch_compile requested, no graph compiled")
-        core = f"Trainer, bf16=True, adamw_torch_fused, {comp}"
+        core = f"Trainer, bf16=True, adamw_torch_fused, SDPA, {comp}"
         extra = {"full": "", "lora": "; peft LoRA",
                  "qlora": "; bnb NF4 + prepare_model_for_kbit_training + peft LoRA"}.get(regime, "")
     return core + extra
@@ -506,9 +527,10 @@ def summarise(results: List[Dict[str, Any]], shape: Shape, peaks: Dict[str, floa
             runs = [r for r in results if r["regime"] == regime and r["side"] == side and r["compile"] == compiled]
             if not runs:
                 continue
-            # With --compile-row the ftk side runs both ways; the compiled arm is keyed "ftk+compile".
+            # With --compile-row the ftk side runs both ways: the arms are keyed "ftk+compile" and "ftk eager",
+            # and "ftk" (the ratio line) is the one ftk's plan picks by itself.
             both = len({r["compile"] for r in results if r["regime"] == regime and r["side"] == side}) > 1
-            name = f"{side}+compile" if both and compiled else side
+            name = (f"{side}+compile" if compiled else f"{side} eager") if both else side
             tps = statistics.median(r["tokens_per_s"] for r in runs)
             flops = flops_per_token(shape, regime, runs[0]["trainable"])
             mfu = flops * tps / (peaks["bf16"] * 1e9)
@@ -538,7 +560,8 @@ def summarise(results: List[Dict[str, Any]], shape: Shape, peaks: Dict[str, floa
         f"bf16 matmul support: {meta['bf16']}; load average at start {meta['load_start']}, at end {meta['load_end']}",
         f"- versions: {meta['versions']}",
         f"- model: GPT-2, {parameter_count(shape) / 1e6:.2f}M parameters ({shape.layers} layers, width {shape.width}, "
-        f"{shape.heads} heads, vocab {shape.vocab}, {shape.seq_len} positions, tied embeddings, no dropout, SDPA), "
+        f"{shape.heads} heads, vocab {shape.vocab}, {shape.seq_len} positions, tied embeddings, no dropout, SDPA in its "
+        f"config), "
         f"built from seed {meta['seed']}; initial weights identical on both sides: {meta['same_init']}",
         f"- data: seeded Zipf-bigram token stream, {meta['n_blocks']} blocks of {shape.seq_len}; both sides read "
         f"the same blocks in the same order (ftk's BlockStream order; the Trainer through a sequential sampler)",
@@ -573,6 +596,8 @@ def summarise(results: List[Dict[str, Any]], shape: Shape, peaks: Dict[str, floa
         "",
     ]
     verdicts = []
+    if ("pretrain", "ftk+compile") in key and ("pretrain", "ftk eager") in key:
+        key[("pretrain", "ftk")] = key[("pretrain", "ftk+compile" if meta.get("plan_compile") else "ftk eager")]
     if ("pretrain", "ftk") in key and ("pretrain", "trainer") in key:
         a, b = key[("pretrain", "ftk")], key[("pretrain", "trainer")]
         ratio = a["tps"] / b["tps"]
@@ -586,21 +611,23 @@ def summarise(results: List[Dict[str, Any]], shape: Shape, peaks: Dict[str, floa
             f"{dloss:+.4f}; mean of the last 5 steps {a['tail']:.4f} vs {b['tail']:.4f})",
             f"ratio ftk/Trainer tokens/s: {ratio:.2f}",
         ]
-        if ("pretrain", "ftk+compile") in key:
-            c = key[("pretrain", "ftk+compile")]
-            saved = a["step_s"] - c["step_s"]
+        if ("pretrain", "ftk+compile") in key and ("pretrain", "ftk eager") in key:
+            c, e = key[("pretrain", "ftk+compile")], key[("pretrain", "ftk eager")]
+            other, o = ("ftk eager", e) if meta.get("plan_compile") else ("ftk+compile", c)
+            saved = e["step_s"] - c["step_s"]
             cold, warm = c["compile_s"][0], (statistics.median(c["compile_s"][1:]) if len(c["compile_s"]) > 1
                                              else None)
             lines += [
-                f"ratio ftk+compile/Trainer tokens/s: {c['tps'] / b['tps']:.2f} (ftk+compile/ftk eager: "
-                f"{c['tps'] / a['tps']:.2f}); loss at the last step {c['loss']:.4f}",
+                f"ftk's plan {'compiles' if meta.get('plan_compile') else 'runs eagerly'}; the other arm: ratio "
+                f"{other}/Trainer tokens/s: {o['tps'] / b['tps']:.2f} (ftk+compile/ftk eager: "
+                f"{c['tps'] / e['tps']:.2f}); loss at the last step {o['loss']:.4f}",
                 f"compile time (first step beyond a steady step, not in tokens/s): {cold:.1f}s in round 1 (fresh "
                 f"inductor cache)" + (f", {warm:.1f}s in later rounds (inductor's cache warm)" if warm is not None
                                       else ""),
                 ("compile pays off after " + f"{cold / saved:,.0f} steps (cold cache)" +
                  (f", {warm / saved:,.0f} steps (warm)" if warm is not None else "")
                  if saved > 0 else "compile never pays off here: the compiled step is not faster")
-                + f" (steady step {a['step_s']:.3f}s eager vs {c['step_s']:.3f}s compiled)",
+                + f" (steady step {e['step_s']:.3f}s eager vs {c['step_s']:.3f}s compiled)",
             ]
         verdicts += [
             f"- pretraining tokens/s >= 1.30x the Trainer's: {'MET' if ratio >= 1.3 else 'not met'} ({ratio:.2f}x)",
@@ -673,17 +700,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                          "fine-tuning")
     ap.add_argument("--no-pretrain", action="store_true", help="skip the pretraining comparison")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for every run (default: torch's)")
-    ap.add_argument("--compile", action="store_true",
-                    help="ftk side: Plan(compile=True), ftk's own torch.compile switch (the output says whether "
-                         "ftk compiled anything)")
+    compile_ = ap.add_mutually_exclusive_group()
+    compile_.add_argument("--compile", action="store_true", default=None,
+                          help="ftk side: compile every run (by default ftk's plan decides: off on a CPU, where it "
+                               "does not pay off)")
+    compile_.add_argument("--no-compile", dest="compile", action="store_false",
+                          help="ftk side: never compile (eager)")
     ap.add_argument("--compile-row", action="store_true",
-                    help="pretraining: a third arm per round, ftk with compile, next to eager ftk and the Trainer "
-                         "(compile time reported apart, round 1 with a fresh inductor cache)")
+                    help="pretraining: a third arm per round, ftk with torch.compile the other way from its plan "
+                         "(eager when the plan compiles), so both are measured side by side (compile time "
+                         "reported apart, round 1 with a fresh inductor cache)")
     ap.add_argument("--trainer-compile", action="store_true",
                     help="Trainer side: TrainingArguments(torch_compile=True) (off by default: not its best here)")
-    ap.add_argument("--isolate", action="store_true",
-                    help="run every training run in a fresh Python process (cleanest memory numbers; adds a few "
-                         "seconds of start-up per run, not timed)")
+    ap.add_argument("--same-process", dest="isolate", action="store_false",
+                    help="run every training run in this process instead of one fresh process per run (faster "
+                         "start-up; but ftk sets the process's allocator for reuse, and the Trainer runs after "
+                         "the first ftk run inherit it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--matmul-n", type=int, default=None, help="matrix size of the peak measurement (default 2048)")
     ap.add_argument("--out", type=Path, default=REPO / "bench-out" / "throughput",
@@ -692,6 +724,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     quick = args.quick or args.smoke
+    if args.smoke:
+        args.isolate = False  # a check that everything runs: no numbers to protect, no process start-ups to pay
     defaults = dict(steps=40, warmup=5, rounds=3, ft_steps=20, ft_warmup=3, ft_rounds=2, matmul_n=2048)
     if quick:
         defaults.update(steps=12, warmup=3, rounds=2, ft_steps=8, ft_warmup=2, ft_rounds=1)
@@ -752,7 +786,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     ([args.ft_warmup + args.ft_steps] if regimes else []))
     n_blocks = max(64, max_steps * shape.batch)  # one epoch covers every run: no block is read twice
     work = Path(tempfile.mkdtemp(prefix="ftk-bench-"))
-    if args.compile or args.compile_row or args.trainer_compile:
+    if args.compile is not False or args.compile_row or args.trainer_compile:
         # Inductor keeps compiled kernels on disk (by default /tmp/torchinductor_<user>): a fresh cache here makes
         # round 1 show what a first compile costs and later rounds what a run with a warm cache pays.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
@@ -770,15 +804,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for side in ("ftk", "trainer"):
                     plan.append(dict(regime="pretrain", side=side, round=r, steps=args.steps, warmup=args.warmup))
                 if args.compile_row:
+                    flipped = not (ftk_plan(shape).compile if args.compile is None else args.compile)
                     plan.append(dict(regime="pretrain", side="ftk", round=r, steps=args.steps, warmup=args.warmup,
-                                     compile=True))
+                                     compile=flipped))
         for r in range(args.ft_rounds):
             for regime in regimes:
                 for side in ("ftk", "trainer"):
                     plan.append(dict(regime=regime, side=side, round=r, steps=args.ft_steps, warmup=args.ft_warmup))
         for i, job in enumerate(plan):
             lr, wd, beta2 = HYPER[job["regime"]]
-            job.setdefault("compile", args.compile if job["side"] == "ftk" else args.trainer_compile)
+            if job["side"] == "ftk":
+                default = ftk_plan(shape).compile if args.compile is None else args.compile
+                job.setdefault("compile", default)
+                job["plan_compile"] = default  # what the main ftk row runs with; --compile-row flips it
+            job.setdefault("compile", args.trainer_compile)
             job.update(common, lr=lr, weight_decay=wd, beta2=beta2)
             name = ("ftk+c" if job["compile"] else "ftk") if job["side"] == "ftk" else "Trainer"
             print(f"[{i + 1}/{len(plan)}] {job['regime']:8s} {name:7s} round {job['round'] + 1}: "
@@ -807,8 +846,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ft_warmup=args.ft_warmup, ft_rounds=args.ft_rounds, isolate=args.isolate, matmul_n=args.matmul_n,
                 matmul_repeats=repeats, notes=notes)
     if any(r["compile"] and not r["compiled_graphs"] for r in results if r["side"] == "ftk"):
-        notes.append("--compile set Plan(compile=True), but ftk.train.run compiled no graph: the ftk rows ran "
-                     "eagerly")
+        notes.append("the plan said compile=True, but ftk.train.run compiled no graph: those ftk rows ran eagerly")
+    meta["plan_compile"] = next((r["plan_compile"] for r in results if r["regime"] == "pretrain"
+                                 and r["side"] == "ftk"), False)
     text, key = summarise(results, shape, peaks, meta)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.md").write_text(text)

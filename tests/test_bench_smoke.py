@@ -61,6 +61,11 @@ def test_compile_row_is_reported_apart_with_its_compile_time_and_break_even():
     assert "ratio ftk+compile/Trainer tokens/s: 1.32 (ftk+compile/ftk eager: 1.25)" in text
     assert "60.0s in round 1 (fresh inductor cache), 10.0s in later rounds" in text
     assert "compile pays off after 300 steps (cold cache), 50 steps (warm)" in text
+    # Where ftk's plan compiles (CUDA, or --compile), the ratio line is the compiled arm's and eager is the other.
+    compiled_plan = bench.summarise(results, bench.Shape(), {"bf16": 400.0, "fp32": 150.0},
+                                    {**meta, "plan_compile": True})[0]
+    assert re.search(r"^ratio ftk/Trainer tokens/s: 1\.32$", compiled_plan, re.MULTILINE)
+    assert "the other arm: ratio ftk eager/Trainer tokens/s: 1.05" in compiled_plan
     slower = [dict(r, step_s_median=1.2) if r["compile"] else r for r in results]
     assert "compile never pays off here" in bench.summarise(slower, bench.Shape(), {"bf16": 400.0, "fp32": 150.0},
                                                             meta)[0]
