@@ -9,8 +9,9 @@ eager attention on a bf16 model), where the flash kernel keeps them in fp32 - ab
 (9e-3 against 5e-3 on the output, both at bf16's resolution).
 
 It serves only what it is fast and exact for: training-shaped calls (a full sequence, no attention mask,
-no attention dropout) on CPU bf16 tensors, up to ftk.hardware.MAX_ATTENTION_PROBS_BYTES of probabilities per layer. Anything else - padding masks, generation with a KV cache, fp32,
-CUDA - goes to transformers' own SDPA function unchanged. Masks are built as for SDPA. The name is
+no attention dropout) on CPU bf16 tensors, up to ftk.hardware.MAX_ATTENTION_PROBS_BYTES of probabilities
+per layer. Anything else - padding masks, generation with a KV cache, fp32, CUDA, long sequences - goes to
+transformers' own SDPA function unchanged. Masks are built as for SDPA. The name is
 registered with transformers' AttentionInterface and set on the model object only: a saved config does
 not record it (transformers drops `_attn_implementation` on save), so checkpoints load with plain
 transformers as SDPA models.

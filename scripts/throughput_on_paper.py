@@ -2,7 +2,7 @@
 """How training throughput scales with model size, on paper: FLOPs per token against a device's peak.
 
     python scripts/throughput_on_paper.py                     # GPT-2 shapes from gpt-tiny to GPT-2 XL
-    python scripts/throughput_on_paper.py --cpu-mfu 0.47 --gpu-mfu 0.40
+    python scripts/throughput_on_paper.py --cpu-mfu 0.69 --gpu-mfu 0.40
 
 tokens/s = MFU x peak FLOP/s / (model FLOPs per token), with model FLOPs per token = 6N + 12 L d S
 (PaLM, App. B; N = matmul weights, the tied LM head included), the formula scripts/bench_throughput.py
@@ -50,8 +50,8 @@ def table(cpu_peak: float, cpu_mfu: float, gpu_mfu: float) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu-peak", type=float, default=404.0, help="bf16 matmul GFLOP/s (bench_throughput.py)")
-    ap.add_argument("--cpu-mfu", type=float, default=0.47, help="measured MFU of ftk pretraining on this CPU")
+    ap.add_argument("--cpu-peak", type=float, default=417.0, help="bf16 matmul GFLOP/s (bench_throughput.py)")
+    ap.add_argument("--cpu-mfu", type=float, default=0.69, help="measured MFU of ftk pretraining on this CPU")
     ap.add_argument("--gpu-mfu", type=float, default=0.40, help="assumed MFU on the GPUs")
     args = ap.parse_args()
     if not (0 < args.cpu_mfu <= 1 and 0 < args.gpu_mfu <= 1 and args.cpu_peak > 0):
