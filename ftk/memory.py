@@ -908,7 +908,8 @@ def setup_from_cfg(cfg: Any, *, devices: Optional[int] = None, plan: Any = None,
         optimizer = (Optimizer.adamw_fused if optimizer is Optimizer.auto else optimizer).value
         strategy = Strategy(hw.strategy)
         strategy = (Strategy.ddp if world > 1 else Strategy.none).value if strategy is Strategy.auto else strategy.value
-        matmul_attention = device == "cpu" and precision == "bf16" and hw.get("matmul_attention") is not False
+        matmul_attention = (device == "cpu" and precision == "bf16"
+                            and getattr(hw, "matmul_attention", None) is not False)
     objective = cfg.objective.name
     objective = getattr(objective, "value", objective)
     regime = getattr(r.name, "value", r.name) if r is not None else "full"

@@ -560,8 +560,8 @@ def summarise(results: List[Dict[str, Any]], shape: Shape, peaks: Dict[str, floa
         f"bf16 matmul support: {meta['bf16']}; load average at start {meta['load_start']}, at end {meta['load_end']}",
         f"- versions: {meta['versions']}",
         f"- model: GPT-2, {parameter_count(shape) / 1e6:.2f}M parameters ({shape.layers} layers, width {shape.width}, "
-        f"{shape.heads} heads, vocab {shape.vocab}, {shape.seq_len} positions, tied embeddings, no dropout, SDPA in its "
-        f"config), "
+        f"{shape.heads} heads, vocab {shape.vocab}, {shape.seq_len} positions, tied embeddings, no dropout, "
+        f"SDPA in its config), "
         f"built from seed {meta['seed']}; initial weights identical on both sides: {meta['same_init']}",
         f"- data: seeded Zipf-bigram token stream, {meta['n_blocks']} blocks of {shape.seq_len}; both sides read "
         f"the same blocks in the same order (ftk's BlockStream order; the Trainer through a sequential sampler)",

@@ -3,9 +3,9 @@
 `F.cross_entropy(logits.float(), ...)` on bf16 logits writes a float32 copy of the (tokens x vocab) logits,
 its float32 log-softmax, a zero-filled float32 gradient and a bf16 copy of that: five passes over 64 MiB for
 a batch of 2,048 tokens and a vocabulary of 8,192, about 9% of a training step of the 14M GPT-2 in
-scripts/bench_throughput.py. Here the log-sum-exp of each chunk of rows is computed in float32 while the
-chunk is in cache, and the backward writes the gradient once, in the logits' own dtype - which is the
-dtype autograd would have cast it to anyway. Only the order of float32 roundings differs from
+scripts/bench_throughput.py. Here each chunk of rows gets its log-softmax in float32 (one fused kernel) while
+it is in cache, only each row's log-sum-exp is kept, and the backward writes the gradient once, in the
+logits' own dtype - which is the dtype autograd would have cast it to anyway. Only the order of float32 roundings differs from
 F.cross_entropy.
 """
 
