@@ -42,7 +42,7 @@ def one_line(exc: BaseException, schema: Optional[type]) -> str:
         group, option = found.groups()
         listed = text.split("Available options", 1)[1].split("Config search path", 1)[0] if (
             "Available options" in text) else ""
-        options = [o for o in re.findall(r"^\t(\S+)$", listed, flags=re.M) if o != "schema"]
+        options = [o for o in re.findall(r"^\t(\S+)$", listed, flags=re.M) if not o.endswith("schema")]
         choices = f"; choose one of: {', '.join(options)}" if options else ""
         return f"unknown option '{option}' for {group}{choices}"
     cause = exc.__cause__ if exc.__cause__ is not None else exc
@@ -51,7 +51,10 @@ def one_line(exc: BaseException, schema: Optional[type]) -> str:
     key = full_key.group(1) if full_key else None
     first = detail.splitlines()[0] if detail else type(cause).__name__
     if key and ("not in" in first or "not in struct" in detail):
-        valid = schema_keys(schema, key) if schema else None
+        # the node's own schema when OmegaConf names it (a regime's settings), else found from the primary one
+        node_type = getattr(cause, "object_type", None)
+        valid = ([f.name for f in dataclasses.fields(node_type)] if dataclasses.is_dataclass(node_type)
+                 else schema_keys(schema, key) if schema else None)
         hint = f"; valid keys here: {', '.join(valid)}" if valid else ""
         return f"unknown config key '{key}'{hint}"
     if key and "Missing mandatory value" in detail:

@@ -8,7 +8,8 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from ftk import runs
 from ftk.errors import UsageError
-from ftk.schemas import Objective, Regime
+from ftk.regimes.table import facts
+from ftk.schemas import Objective
 
 Say = Callable[[str], None]
 
@@ -29,10 +30,10 @@ def choose_base(name_or_path: Optional[str]) -> Tuple[str, str]:
     return str(newest.resolve()), "the newest pretrain run"
 
 
-def padding_side(objective: Objective, regime: Regime, config: Any) -> str:
+def padding_side(objective: Objective, regime: str, config: Any) -> str:
     """Right padding keeps positions exact; but a decoder classifier fed a soft prompt gets inputs_embeds and
     can no longer find its last real token, so it reads the last position: then pad on the left."""
-    if objective is Objective.classification and regime is Regime.prompt_tuning and not is_encoder(config):
+    if objective is Objective.classification and facts(regime).left_pad_decoder_classifier and not is_encoder(config):
         return "left"
     return "right"
 
@@ -150,7 +151,7 @@ def auto_class(objective: Objective, encoder: bool):
     return AutoModelForCausalLM
 
 
-def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, tokenizer: Any, labels: List[str],
+def load_task_model(cfg: Any, base: str, objective: Objective, regime: str, tokenizer: Any, labels: List[str],
                     config: Any, precision: str = "fp32") -> Tuple[Any, List[str]]:
     """The base with the head the objective needs; returns (model, names of freshly initialised parameters)."""
     encoder = is_encoder(config)
@@ -168,11 +169,11 @@ def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, t
                       label2id={name: i for i, name in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
     cls = auto_class(objective, encoder)
     try:
-        if regime is Regime.qlora:
+        if facts(regime).quantized:
             from ftk.regimes.qlora_base import load_4bit_base
 
-            model, info = load_4bit_base(base, cls, _dtype(cfg.regime.compute_dtype),
-                                         quant_type=cfg.regime.quant_type, **kwargs)
+            model, info = load_4bit_base(base, cls, _dtype(getattr(cfg.regime.compute_dtype, "value", cfg.regime.compute_dtype)),
+                                         quant_type=getattr(cfg.regime.quant_type, "value", cfg.regime.quant_type), **kwargs)
         else:
             model, info = cls.from_pretrained(base, dtype=weights_dtype(regime, precision), **kwargs)
     except (OSError, ValueError) as exc:
@@ -201,14 +202,14 @@ def reinitialise(model: Any) -> None:
     model.load_state_dict(fresh.state_dict())  # copies into the loaded dtype (bf16 under adapters)
 
 
-def weights_dtype(regime: Regime, precision: str):
+def weights_dtype(regime: str, precision: str):
     """float32 whatever the checkpoint's dtype (transformers 5 would keep a float16 hub checkpoint in float16):
     AdamW needs float32 weights and moments, and bf16/fp16 precision is autocast on top. Except a base that
     stays frozen under adapters (LoRA, prompt tuning): with bf16/fp16 it is held in that dtype, half the
     memory; what trains is cast back to float32 after the regime is applied (see `trainable_in_float32`)."""
     import torch
 
-    if regime in (Regime.lora, Regime.prompt_tuning) and precision in ("bf16", "fp16"):
+    if facts(regime).frozen_in_16bit and precision in ("bf16", "fp16"):
         return torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.float32
 

@@ -345,7 +345,7 @@ def shape_from_checkpoint(name_or_path: str, trust_remote_code: bool = False) ->
 class Setup:
     """Everything besides the shape that decides the memory of a run (resolved: no `auto` left)."""
 
-    regime: str = "full"             # ftk.schemas.Regime values
+    regime: str = "full"             # a row of ftk.regimes.table
     objective: str = "clm"           # clm | mlm | sft | classification
     precision: str = "fp32"          # fp32 | bf16 | fp16
     weights: str = "ftk"             # ftk: as ftk holds them | 16bit: the textbook convention (see module doc)
@@ -356,31 +356,44 @@ class Setup:
     devices: int = 1
     strategy: str = "none"           # none | ddp | fsdp
     device: str = "cpu"              # cpu | cuda (decides the overhead)
-    lora_r: int = 8
-    lora_dropout: float = 0.05
-    target_modules: Optional[Tuple[str, ...]] = None
-    num_virtual_tokens: int = 20
-    freeze_layers: int = 2
+    settings: Any = None             # the regime's settings (ftk.regimes.table); None = its defaults
     num_labels: int = DEFAULT_NUM_LABELS
     mlm_probability: float = 0.15
     finetuning: bool = True          # False for `ftk pretrain`: no regime changes are suggested
     matmul_attention: bool = False   # ftk.cpu_attention (CPU bf16): keeps each layer's attention probabilities
     batch_size: Optional[int] = None  # global batch (sequences per optimizer step), for the accumulation shown
 
+    @property
+    def facts(self):
+        from ftk.regimes.table import facts
 
+        return facts(self.regime)
+
+    @property
+    def regime_settings(self) -> Any:
+        return self.settings if self.settings is not None else self.facts.settings()
+
+    def with_regime(self, name: str) -> "Setup":
+        """The same run under regime `name` with its default settings (what a suggestion proposes)."""
+        return replace(self, regime=name, settings=None)
+
+
+# peft's default LoRA targets, restated so that planning a LoRA run does not import peft (and torch)
 DEFAULT_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"),
                    "qwen2": ("q_proj", "v_proj"), "bert": ("query", "value"), "roberta": ("query", "value")}
 
 
-def lora_targets(shape: Shape, targets: Optional[Sequence[str]]) -> List[Linear]:
-    """The block Linears LoRA adapts: peft's rule (a target names a module or the end of its path)."""
-    names = tuple(targets) if targets else DEFAULT_TARGETS.get(shape.model_type)
+def adapter_targets(shape: Shape, targets: Optional[Sequence[str]], table: str = "lora") -> List[Linear]:
+    """The block Linears an adapter adapts: peft's rule (a target names a module or the end of its path);
+    no `targets` = peft's default for the family from its `table` ("lora" or "ia3")."""
+    names = tuple(targets) if targets else (DEFAULT_TARGETS.get(shape.model_type) if table == "lora" else None)
     if names is None:
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+        from peft.utils import constants
 
+        mapping = getattr(constants, f"TRANSFORMERS_MODELS_TO_{table.upper()}_TARGET_MODULES_MAPPING")
         names = tuple(mapping.get(shape.model_type, ()))
         if not names:
-            raise UsageError(f"no default LoRA target modules for model type '{shape.model_type}'; "
+            raise UsageError(f"no default {table} target modules for model type '{shape.model_type}'; "
                              "set regime.target_modules=[...]")
     chosen = [lin for lin in shape.linears if any(lin.name == t or lin.name.endswith("." + t) for t in names)]
     if not chosen:
@@ -412,7 +425,8 @@ SAVED = {"gpt2": Saved(8, 5, 2, 6, 2, 2, 0, 2),
          "bert": Saved(6, 2, 2, 6, 5, 2, 0, 4)}
 SAVED["generic"] = SAVED["llama"]
 
-RANK = {"lora": 0, "qlora": 1, "gradient_checkpointing": 2, "micro_batch_size": 3, "adamw_8bit": 4, "fsdp": 5}
+# suggestions cheapest first: a lighter regime (ranks 0-1, in the order of its row's `lighter`), then ...
+RANK = {"regime": 0, "gradient_checkpointing": 2, "micro_batch_size": 3, "adamw_8bit": 4, "fsdp": 5}
 
 
 @dataclass
@@ -517,16 +531,15 @@ def estimate(shape: Shape, setup: Setup, budget: Optional[int] = None, budget_so
 
 
 def _components(s: Shape, u: Setup) -> Estimate:
-    from ftk.schemas import Regime
-
-    regime = Regime(u.regime)
+    row, r = u.facts, u.regime_settings
     head = s.head(u.objective, u.num_labels)
     h, i, kv, layers = s.hidden_size, s.intermediate_size, s.kv_width, s.num_layers
     textbook = u.weights == "16bit"
     mixed = u.precision in ("bf16", "fp16")
-    # ftk holds weights in float32 (finetune_setup.load_task_model, models.load_model), except the frozen base of
-    # LoRA / prompt tuning under bf16/fp16, which it loads in that 16-bit dtype (what trains stays float32)
-    adapter_base = regime in (Regime.lora, Regime.prompt_tuning) and mixed and not textbook
+    quantized = row.quantized
+    # ftk holds weights in float32 (finetune_setup.load_task_model, models.load_model), except a frozen base the
+    # regime holds in 16 bits under bf16/fp16 (LoRA, prompt tuning): what trains stays float32
+    adapter_base = row.frozen_in_16bit and mixed and not textbook
     held = ("bfloat16" if u.precision == "bf16" else "float16") if adapter_base else "float32"
     loaded = DTYPE_BYTES.get(held, 4)  # bytes per weight as ftk holds it
     notes: List[str] = []
@@ -535,32 +548,35 @@ def _components(s: Shape, u: Setup) -> Estimate:
 
     # -- what trains
     targets: List[Linear] = []
-    extra = 0  # trainable parameters that are not model weights: LoRA adapters, a soft prompt
-    if regime in (Regime.lora, Regime.qlora):
-        targets = lora_targets(s, u.target_modules)
-        extra = layers * sum(u.lora_r * (t.in_features + t.out_features) for t in targets)
+    extra = 0  # trainable parameters that are not model weights: adapters, a soft prompt
+    frozen_blocks = min(getattr(r, "freeze_layers", 0), layers) if row.body == "frozen_below" else 0
+    if row.adapter is not None:
+        if row.adapter.targets != "prompt":
+            targets = adapter_targets(s, r.target_modules, row.adapter.targets)
+            extra = layers * sum(row.adapter.params(r, t.in_features, t.out_features) for t in targets)
         base_trainable = head.new_params
-    elif regime is Regime.prompt_tuning:
-        extra = u.num_virtual_tokens * h
+    elif row.body == "outside":
         base_trainable = head.new_params
-    elif regime is Regime.feature_extraction:
-        base_trainable = head.new_params
-    elif regime is Regime.freeze_layers:  # embeddings (and a tied output head with them) and k blocks frozen
-        base_trainable = total_params - s.embedding_params - min(u.freeze_layers, layers) * s.layer_params
-    else:  # full, gradual_unfreeze and head_then_full (whose last phase trains everything)
+    elif row.body == "frozen_below":  # embeddings (and a tied output head with them) and k blocks frozen
+        base_trainable = total_params - s.embedding_params - frozen_blocks * s.layer_params
+    else:  # the body trains (in the last phase of a phased regime)
         base_trainable = total_params
-        if regime in (Regime.gradual_unfreeze, Regime.head_then_full):
-            notes.append(f"regime={regime.value}: planned for its last phase, when every weight trains")
+        if row.phased:
+            notes.append(f"regime={row.name}: planned for its last phase, when every weight trains")
+    virtual = r.num_virtual_tokens if row.virtual_tokens else 0
+    extra += virtual * h
     trainable = base_trainable + extra
+    rank = row.adapter.kept_width(r) if row.adapter is not None else 0
+    dropout = row.adapter.dropout(r) if row.adapter is not None else 0.0
 
     # -- weights
-    if regime is Regime.qlora:
-        quantized = layers * s.linear_weights_per_layer
-        rest = total_params - quantized
+    if quantized:
+        four_bit = layers * s.linear_weights_per_layer
+        rest = total_params - four_bit
         rest_b = 2 if textbook else 4  # peft.prepare_model_for_kbit_training upcasts what is not quantized
-        weights = quantized * NF4_BYTES + rest * rest_b + extra * (6 if textbook else 4)
-        details["weights"] = (f"{count(quantized)} in NF4 ({NF4_BYTES:.3f} B each) + {count(rest)} at "
-                              f"{rest_b} B + {count(extra)} LoRA at {6 if textbook else 4} B")
+        weights = four_bit * NF4_BYTES + rest * rest_b + extra * (6 if textbook else 4)
+        details["weights"] = (f"{count(four_bit)} in NF4 ({NF4_BYTES:.3f} B each) + {count(rest)} at "
+                              f"{rest_b} B + {count(extra)} adapter at {6 if textbook else 4} B")
     elif textbook:
         weights = (total_params - base_trainable) * 2 + (base_trainable + extra) * 6
         details["weights"] = (f"{count(total_params)} at 2 B (16-bit); the {count(trainable)} trainable "
@@ -575,7 +591,7 @@ def _components(s: Shape, u: Setup) -> Estimate:
                          "(no float32 master copy); estimate.weights=16bit shows the usual mixed-precision figure")
 
     # -- gradients and optimizer state (in the trainable parameter's dtype)
-    base_b = 2 if textbook else (4 if regime is Regime.qlora else loaded)
+    base_b = 2 if textbook else (4 if quantized else loaded)
     gradients = base_trainable * base_b + extra * (2 if textbook else 4)
     details["gradients"] = f"{count(trainable)} trainable x {base_b if base_trainable else 4} B"
     if u.optimizer == "adamw_8bit":
@@ -588,23 +604,20 @@ def _components(s: Shape, u: Setup) -> Estimate:
     step_temporaries = optimizer // 2 if u.optimizer == "adamw" else 0
 
     # -- activations, per device: micro-batch x sequence tokens
-    seq = u.seq_len + (u.num_virtual_tokens if regime is Regime.prompt_tuning else 0)
+    seq = u.seq_len + virtual
     n = u.micro_batch_size * seq
     c = SAVED.get(s.family, SAVED["generic"])
     # the residual stream's dtype: the embeddings' (QLoRA: upcast to float32 by prepare_model_for_kbit_training)
-    resid = 2 if textbook or (loaded == 2 and regime is not Regime.qlora) else 4
+    resid = 2 if textbook or (loaded == 2 and not quantized) else 4
     low = 2 if (mixed or textbook) else resid       # everything autocast computes in 16 bits
     autocast_dtype = "bfloat16" if u.precision == "bf16" else "float16"
     casts = mixed and not textbook and held != autocast_dtype  # autocast keeps 16-bit copies of the weights
-    if regime is Regime.feature_extraction:
-        graph_layers, frozen = 0, False
-    elif regime is Regime.freeze_layers:
-        graph_layers, frozen = layers - min(u.freeze_layers, layers), False
-    else:
-        graph_layers, frozen = layers, regime in (Regime.lora, Regime.qlora, Regime.prompt_tuning)
+    # blocks in the backward graph, and whether their weights are frozen (adapters inside pass gradients through)
+    graph_layers = {"outside": 0, "frozen_below": layers - frozen_blocks}.get(row.body, layers)
+    frozen = row.body == "frozen"
 
     act = low  # bytes of the tensors a block keeps
-    qlora_act = regime is Regime.qlora and not textbook
+    qlora_act = quantized and not textbook
     # a 16-bit frozen base (LoRA / prompt tuning under bf16/fp16) computes in 16 bits throughout: autocast
     # has nothing to cast, so it keeps what a plain 16-bit model keeps
     autocast = mixed and not textbook and not qlora_act and not adapter_base
@@ -627,18 +640,18 @@ def _components(s: Shape, u: Setup) -> Estimate:
         if autocast:
             per_token -= c.frozen_h_fp32_mixed * h * resid + (c.frozen_h_16_mixed * h + i) * low
             # each adapter casts its input to 16 bits itself; its dropout runs on the float32 input
-            per_token += sum(t.in_features + u.lora_r for t in targets) * low
-            if u.lora_dropout > 0:
+            per_token += sum(t.in_features + rank for t in targets) * low
+            if dropout > 0:
                 per_token += sum(t.in_features for t in targets) * resid
-            lora_copies = sum(u.lora_r * (t.in_features + t.out_features) for t in targets) * 2
+            lora_copies = sum(row.adapter.params(r, t.in_features, t.out_features) for t in targets) * 2
         else:
             per_token -= (c.frozen_h * h + i) * act
             # adapters reading the same tensor share it; with dropout each keeps its own copy and mask
-            per_token += sum({t.reads: t.in_features for t in targets}.values()) * act + len(targets) * u.lora_r * act
-            if u.lora_dropout > 0:
+            per_token += sum({t.reads: t.in_features for t in targets}.values()) * act + len(targets) * rank * act
+            if dropout > 0:
                 per_token += sum(t.in_features for t in targets) * (act + 2)
     per_layer = per_token * n
-    copies = (s.linear_weights_per_layer * 2 if casts and regime is not Regime.qlora else 0) + lora_copies
+    copies = (s.linear_weights_per_layer * 2 if casts and not quantized else 0) + lora_copies
     recompute = 0
     if u.gradient_checkpointing and graph_layers:
         saved = graph_layers * n * h * resid
@@ -655,8 +668,8 @@ def _components(s: Shape, u: Setup) -> Estimate:
     outside = c.outside * n * h * resid if graph_layers else n * h * resid
     # the output head stays in full precision under QLoRA (float32 after prepare_model_for_kbit_training)
     head_copy = head.matmul_weights * 2 if (casts or (mixed and qlora_act)) else 0
-    head_trains = regime in (Regime.full, Regime.gradual_unfreeze, Regime.head_then_full) or (
-        regime is Regime.freeze_layers and not s.tied)
+    # the pretrained output head trains (frozen with the embeddings when tied to them and they are frozen)
+    head_trains = row.head_trains and not (row.body == "frozen_below" and s.tied)
     head_grad = s.vocab_size * h * base_b if (u.objective in LM_OBJECTIVES and head_trains) else 0
     activations = int(saved + outside + head_copy + head_grad)
     details["activations"] = how
@@ -697,7 +710,7 @@ def _components(s: Shape, u: Setup) -> Estimate:
     # -- devices
     world = max(1, u.devices)
     if world > 1 and u.strategy == "fsdp":
-        unit = 2 * s.layer_params * (2 if textbook else 4 if regime is Regime.qlora else loaded)
+        unit = 2 * s.layer_params * (2 if textbook else 4 if quantized else loaded)
         weights = weights / world + unit
         gradients, optimizer, step_temporaries = gradients // world, optimizer // world, step_temporaries // world
         details["weights"] += f"; FSDP: 1/{world} per device + 2 gathered layers"
@@ -720,14 +733,20 @@ def _per_process(u: Setup) -> int:
     return max(1, (u.batch_size or u.micro_batch_size * u.devices) // max(1, u.devices))
 
 
+def _lighter_regimes(shape: Shape, u: Setup) -> List[str]:
+    """The regimes to suggest instead of the run's (its row's `lighter`); a 4-bit base only for decoders."""
+    if not u.finetuning:
+        return []
+    from ftk.regimes.table import facts
+
+    return [name for name in u.facts.lighter if not (facts(name).quantized and shape.encoder)]
+
+
 def _candidates(shape: Shape, u: Setup) -> List[Tuple[str, Setup, int]]:
     """Single changes that lower the peak, cheapest first (see RANK): (overrides, setup, rank)."""
     out: List[Tuple[str, Setup, int]] = []
-    decoder = not shape.encoder
-    if u.finetuning and u.regime not in ("lora", "qlora", "prompt_tuning", "feature_extraction"):
-        out.append(("regime=lora", replace(u, regime="lora"), RANK["lora"]))
-    if u.finetuning and decoder and u.regime not in ("qlora", "prompt_tuning", "feature_extraction"):
-        out.append(("regime=qlora", replace(u, regime="qlora"), RANK["qlora"]))
+    for position, name in enumerate(_lighter_regimes(shape, u)):
+        out.append((f"regime={name}", u.with_regime(name), RANK["regime"] + min(position, 1)))
     if not u.gradient_checkpointing:
         out.append(("hardware.gradient_checkpointing=true", replace(u, gradient_checkpointing=True),
                     RANK["gradient_checkpointing"]))
@@ -785,11 +804,9 @@ def _more_devices(shape: Shape, u: Setup, budget: int) -> Optional[Suggestion]:
 
 def _combination(shape: Shape, u: Setup, budget: int) -> Optional[Suggestion]:
     steps: List[Tuple[str, Callable[[Setup], Setup]]] = []
-    if u.finetuning and u.regime not in ("lora", "qlora", "prompt_tuning", "feature_extraction"):
-        steps.append(("regime=qlora" if not shape.encoder else "regime=lora",
-                      lambda x: replace(x, regime="qlora" if not shape.encoder else "lora")))
-    elif u.finetuning and u.regime == "lora" and not shape.encoder:
-        steps.append(("regime=qlora", lambda x: replace(x, regime="qlora")))
+    lighter = _lighter_regimes(shape, u)
+    if lighter:  # the lightest of them
+        steps.append((f"regime={lighter[-1]}", lambda x: x.with_regime(lighter[-1])))
     if not u.gradient_checkpointing:
         steps.append(("hardware.gradient_checkpointing=true", lambda x: replace(x, gradient_checkpointing=True)))
     if u.micro_batch_size > 1:
@@ -912,15 +929,13 @@ def setup_from_cfg(cfg: Any, *, devices: Optional[int] = None, plan: Any = None,
                             and getattr(hw, "matmul_attention", None) is not False)
     objective = cfg.objective.name
     objective = getattr(objective, "value", objective)
-    regime = getattr(r.name, "value", r.name) if r is not None else "full"
+    from omegaconf import OmegaConf
+
     return Setup(
-        regime=regime, objective=objective, precision=precision, weights=weights, optimizer=optimizer,
+        regime=r.name if r is not None else "full", settings=OmegaConf.to_object(r) if r is not None else None,
+        objective=objective, precision=precision, weights=weights, optimizer=optimizer,
         micro_batch_size=micro, seq_len=t.seq_len, gradient_checkpointing=bool(hw.gradient_checkpointing),
         devices=world, strategy=strategy, device=device,
-        lora_r=r.lora_r if r is not None else 8, lora_dropout=r.lora_dropout if r is not None else 0.0,
-        target_modules=tuple(r.target_modules) if r is not None and r.target_modules else None,
-        num_virtual_tokens=r.num_virtual_tokens if r is not None else 20,
-        freeze_layers=r.freeze_layers if r is not None else 0,
         mlm_probability=cfg.objective.mlm_probability, finetuning=finetuning, batch_size=t.batch_size,
         matmul_attention=matmul_attention)
 

@@ -68,17 +68,6 @@ class Strategy(str, Enum):
     fsdp = "fsdp"
 
 
-class Regime(str, Enum):
-    full = "full"                              # every weight trains
-    feature_extraction = "feature_extraction"  # frozen backbone, only the new head trains
-    lora = "lora"                              # peft LoRA adapters (+ the new head)
-    qlora = "qlora"                            # 4-bit NF4 frozen base (bitsandbytes) + LoRA
-    prompt_tuning = "prompt_tuning"            # peft soft prompt; every model weight frozen
-    freeze_layers = "freeze_layers"            # embeddings and the first k blocks frozen
-    gradual_unfreeze = "gradual_unfreeze"      # ULMFiT: head first, then one more block from the top
-    head_then_full = "head_then_full"          # head alone, then everything at a lower lr
-
-
 class OnNonFinite(str, Enum):
     stop = "stop"  # stop the run, naming the step (no checkpoint with non-finite weights is written)
     skip = "skip"  # drop the batch and go on, up to train.max_skipped_batches
@@ -185,25 +174,6 @@ class HardwareConfig:
 
 
 @dataclass
-class RegimeConfig:
-    """How much of the pretrained model trains (`ftk finetune regime=...`); fields unused by a regime are ignored."""
-
-    name: Regime = Regime.full
-    lr: float = 1e-4                       # default peak lr of the regime (train.lr overrides it)
-    lora_r: int = 8                        # lora/qlora: rank of the update
-    lora_alpha: int = 16                   # lora/qlora: scale alpha/r
-    lora_dropout: float = 0.05
-    target_modules: Optional[List[str]] = None  # lora/qlora: module names; null = peft's default for the family
-    num_virtual_tokens: int = 20           # prompt_tuning: length of the soft prompt
-    freeze_layers: int = 2                 # freeze_layers: blocks frozen from the bottom (with the embeddings)
-    unfreeze_every: int = 50               # gradual_unfreeze: steps between unfreezing one more block
-    head_steps: int = 100                  # head_then_full: steps with only the head training
-    full_lr_ratio: float = 0.1             # head_then_full: lr of the full phase, relative to regime lr
-    quant_type: str = "nf4"                # qlora: nf4 | fp4
-    compute_dtype: str = "bf16"            # qlora: dtype of the de-quantized matmuls: bf16 | fp16 | fp32
-
-
-@dataclass
 class ForgettingConfig:
     """How much general knowledge survives fine-tuning, and what holds it."""
 
@@ -227,7 +197,9 @@ class PretrainConfig:
 class FinetuneConfig(PretrainConfig):
     """Pretrain's groups, plus how much trains (regime) and what must survive (forgetting)."""
 
-    regime: RegimeConfig = field(default_factory=RegimeConfig)
+    # One schema per regime (ftk/regimes/table.py), chosen by the `regime` group: a key of another regime is
+    # refused while composing.
+    regime: Any = MISSING
     forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
 
 
@@ -238,7 +210,10 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
-    cs.store(group="regime", name="schema", node=RegimeConfig)
+    from ftk.regimes.table import ROWS
+
+    for row in ROWS:
+        cs.store(group="regime", name=f"{row.name}_schema", node=row.settings)
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="objective", name="schema", node=ObjectiveConfig)
     cs.store(group="data", name="schema", node=DataConfig)
@@ -301,16 +276,12 @@ def validate(cfg: Any) -> None:
 
 def validate_finetune(cfg: Any) -> None:
     """validate() plus the fine-tuning fields."""
+    from ftk.regimes.table import check_settings, facts
+
     validate(cfg)
     r, f = cfg.regime, cfg.forgetting
-    for key in ("lr", "lora_r", "lora_alpha", "num_virtual_tokens", "unfreeze_every", "full_lr_ratio"):
-        _require(getattr(r, key) > 0, f"regime.{key} must be positive, got {getattr(r, key)}")
-    for key in ("freeze_layers", "head_steps"):
-        _require(getattr(r, key) >= 0, f"regime.{key} must be >= 0, got {getattr(r, key)}")
-    _require(0.0 <= r.lora_dropout < 1.0, f"regime.lora_dropout must be in [0, 1), got {r.lora_dropout}")
-    _require(r.quant_type in ("nf4", "fp4"), f"regime.quant_type must be nf4 or fp4, got {r.quant_type}")
-    _require(r.compute_dtype in ("bf16", "fp16", "fp32"),
-             f"regime.compute_dtype must be bf16, fp16 or fp32, got {r.compute_dtype}")
+    out_of_range = check_settings(r)
+    _require(out_of_range is None, out_of_range or "")
     _require(0.0 <= f.replay_fraction < 1.0, f"forgetting.replay_fraction must be in [0, 1), got {f.replay_fraction}")
     _require(f.l2sp >= 0.0, f"forgetting.l2sp must be >= 0, got {f.l2sp}")
     _require(f.max_blocks > 0, f"forgetting.max_blocks must be positive, got {f.max_blocks}")
@@ -326,8 +297,8 @@ def validate_finetune(cfg: Any) -> None:
         _require(not (f.data_path or f.replay_fraction or f.l2sp),
                  "model.random_init=true has no pretrained knowledge to forget or keep; drop forgetting.data_path, "
                  "forgetting.replay_fraction and forgetting.l2sp for the from-scratch arm")
-        _require(Regime(r.name) is not Regime.qlora,
-                 "model.random_init=true with regime=qlora would quantize random weights; use regime=lora")
+        _require(not facts(r.name).quantized,
+                 f"model.random_init=true with regime={r.name} would quantize random weights; use regime=lora")
 
 
 @dataclass

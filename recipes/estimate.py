@@ -59,9 +59,9 @@ def main(cfg: DictConfig) -> None:
 def estimate(cfg: DictConfig):
     schemas.validate_finetune(cfg)
     from ftk import memory, regimes
-    from ftk.schemas import Objective, Regime
+    from ftk.schemas import Objective
 
-    regimes.check_fits(Regime(cfg.regime.name), Objective(cfg.objective.name))
+    regimes.check_fits(cfg.regime.name, Objective(cfg.objective.name))
     shape = _shape(cfg)
     if shape.encoder and cfg.objective.name.value in ("clm", "sft"):
         raise UsageError(f"{shape.model_type} is an encoder: pass objective=mlm or objective=classification")

@@ -29,12 +29,13 @@ def finetune(cfg: DictConfig) -> dict:
     started = time.time()
     schemas.validate_finetune(cfg)
     from ftk import regimes
-    from ftk.schemas import Objective, Regime
+    from ftk.regimes.table import facts
+    from ftk.schemas import Objective
 
-    regime, objective = Regime(cfg.regime.name), Objective(cfg.objective.name)
-    regimes.check_fits(regime, objective)
-    if cfg.forgetting.l2sp and regime in regimes.ADAPTERS:
-        raise UsageError(f"forgetting.l2sp has no effect under regime={regime.value}: its pretrained weights are "
+    regime, objective = facts(cfg.regime.name), Objective(cfg.objective.name)
+    regimes.check_fits(regime.name, objective)
+    if cfg.forgetting.l2sp and regime.adapter:
+        raise UsageError(f"forgetting.l2sp has no effect under regime={regime.name}: its pretrained weights are "
                          "frozen already; drop forgetting.l2sp or pick a regime that trains them")
 
     from ftk import finetune_setup as setup, forgetting, runs, session as sessions, train
@@ -63,18 +64,18 @@ def finetune(cfg: DictConfig) -> dict:
     if session.plan.device == "cpu":
         memory.set_cpu_allocator(planned, say)  # keep freed tensors for reuse unless memory is tight
     tokenizer = setup.load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
-    padding_side = setup.padding_side(objective, regime, base_config)
+    padding_side = setup.padding_side(objective, regime.name, base_config)
     with session.accelerator.main_process_first():
         data = setup.task_data(cfg, objective, tokenizer, base_config, say, padding_side)
-    model, new_head = setup.load_task_model(cfg, base, objective, regime, tokenizer, data.labels, base_config,
+    model, new_head = setup.load_task_model(cfg, base, objective, regime.name, tokenizer, data.labels, base_config,
                                             session.plan.precision)
     l2sp = forgetting.L2SP(model, cfg.forgetting.l2sp, new_head) if cfg.forgetting.l2sp else None
 
-    prepared = regimes.apply(regime, model, regimes.Context(cfg.regime, objective, new_head))
+    prepared = regimes.apply(regime.name, model, regimes.Context(cfg.regime, objective, new_head))
     model = prepared.model
     setup.trainable_in_float32(model)
     trainable, total = count_parameters(model)
-    say(f"regime {regime.value}: {prepared.note}; trainable {trainable:,} of {total:,} parameters "
+    say(f"regime {regime.name}: {prepared.note}; trainable {trainable:,} of {total:,} parameters "
         f"({trainable / max(total, 1):.2%}); lr {cfg.train.lr:g}")
     if resume_from is not None:
         say(f"resuming from {resume_from}")
@@ -111,7 +112,7 @@ def finetune(cfg: DictConfig) -> dict:
             forgetting.language_view(unwrapped, setup.load_base_lm(base, base_config, cfg.model.trust_remote_code))
         if hasattr(view, "get_base_model"):  # a soft prompt is the task's; general text is read without it
             view = view.get_base_model()
-        if regime is not Regime.qlora:  # compare in float32 like the base, so bf16 rounding of a frozen base
+        if not regime.quantized:  # compare in float32 like the base, so bf16 rounding of a frozen base
             view.float()                # does not pass for forgetting (QLoRA's 4-bit error is part of its figure)
         tuned_ppl = forgetting.perplexity(view.to(session.accelerator.device), general, lm_objective,
                                           session.plan.micro_batch_size, session.accelerator.device, tokenizer)
@@ -132,7 +133,7 @@ def finetune(cfg: DictConfig) -> dict:
             f"{cfg.data.test_path}")
 
     summary = {
-        "regime": regime.value, "init": "random" if cfg.model.random_init else "pretrained", "objective": objective.value, "base_model": base, "base_chosen": chosen,
+        "regime": regime.name, "init": "random" if cfg.model.random_init else "pretrained", "objective": objective.value, "base_model": base, "base_chosen": chosen,
         "parameters": total, "trainable_parameters": trainable, "trainable_share": trainable / max(total, 1),
         "trainable_parameters_end": trainable_end,
         "steps": result.state.step, "tokens_seen": result.state.tokens,
@@ -145,12 +146,12 @@ def finetune(cfg: DictConfig) -> dict:
         **{f"final_{k}": v for k, v in result.final_eval.items()}, **test_result,
         "forgetting": forgetting_result, "adapter": prepared.adapter, "plan": session.plan.as_dict(),
     }
-    record = {"base_model": base, "init": summary["init"], "regime": regime.value, "objective": objective.value,
+    record = {"base_model": base, "init": summary["init"], "regime": regime.name, "objective": objective.value,
               "labels": data.labels,
-              "adapter": prepared.adapter, "quantized_base": regime is Regime.qlora,
+              "adapter": prepared.adapter, "quantized_base": regime.quantized,
               "append_eos": data.append_eos, "seq_len": cfg.train.seq_len,
               "padding_side": padding_side}
-    rows = [("regime", regime.value + (" (from random initialisation)" if cfg.model.random_init else "")),
+    rows = [("regime", regime.name + (" (from random initialisation)" if cfg.model.random_init else "")),
             ("peak memory (added)", f"{memory.added / 2**20:,.0f} MiB")]
     if test_result:
         rows.append(("test accuracy", f"{test_result['test_accuracy']:.2%}"))

@@ -62,7 +62,9 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the hub: models are built from configs
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-LORA = dict(r=8, alpha=16, dropout=0.05)  # ftk's regime=lora/qlora defaults (configs/regime/lora.yaml)
+from ftk.regimes.table import LoraSettings  # noqa: E402  (torch-free)
+
+LORA = LoraSettings()  # ftk's regime=lora/qlora defaults, for the peer's LoraConfig too
 # Learning rate, weight decay, beta2 per run kind: pretraining as recipe gpt-tiny (beta2 0.95, wd 0.1);
 # fine-tuning as configs/train/finetune.yaml and the regime's own rate.
 HYPER = {"pretrain": (1e-3, 0.1, 0.95), "full": (1e-4, 0.01, 0.999), "lora": (1e-3, 0.01, 0.999),
@@ -250,15 +252,15 @@ def _load_model(job: Dict[str, Any], side: str):
         from omegaconf import OmegaConf
 
         from ftk import regimes
-        from ftk.schemas import Objective, Regime, RegimeConfig
+        from ftk.regimes.table import settings_of
+        from ftk.schemas import Objective
 
-        settings = OmegaConf.structured(RegimeConfig(name=Regime(regime), lr=job["lr"], lora_r=LORA["r"],
-                                                     lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"]))
-        model = regimes.apply(Regime(regime), model, regimes.Context(settings, Objective.clm, [])).model
+        settings = OmegaConf.merge(settings_of(regime), {"lr": job["lr"]})
+        model = regimes.apply(regime, model, regimes.Context(settings, Objective.clm, [])).model
     elif regime in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+        model = get_peft_model(model, LoraConfig(r=LORA.lora_r, lora_alpha=LORA.lora_alpha, lora_dropout=LORA.lora_dropout,
                                                  task_type="CAUSAL_LM"))
     return model
 

@@ -140,11 +140,12 @@ def measure(case: Dict[str, Any], steps: int, release: bool) -> Dict[str, Any]:
 def _model(case, m, objective_name, tok, checkpoint_dir):
     from ftk.models import build_model
     from ftk.regimes import Context
+    from ftk.regimes.table import settings_of
     from ftk.schemas import Objective
 
     objective = Objective(objective_name)
     regime = case["regime"]
-    settings = _regime_settings()
+    settings = settings_of(regime if regime in ("lora", "qlora") else "full")
     if regime == "qlora":
         import torch
         from transformers import AutoModelForCausalLM
@@ -161,14 +162,6 @@ def _model(case, m, objective_name, tok, checkpoint_dir):
 
         model = lora.apply(model, Context(settings, objective, [])).model
     return model
-
-
-def _regime_settings():
-    from omegaconf import OmegaConf
-
-    from ftk.schemas import RegimeConfig
-
-    return OmegaConf.structured(RegimeConfig)
 
 
 def run_case(name: str, steps: int = 3, release: bool = True) -> Dict[str, Any]:

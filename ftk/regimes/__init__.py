@@ -1,4 +1,4 @@
-"""Fine-tuning regimes: one small module each, behind one registry.
+"""Fine-tuning regimes: one small module each, and one table of what each is (ftk/regimes/table.py).
 
 A regime decides which weights train. `apply(name, model, ctx)` returns the model to train (maybe
 wrapped by peft), callbacks the loop calls before each step (to unfreeze on a schedule), and an
@@ -13,24 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 from ftk.errors import UsageError
-from ftk.schemas import Objective, Regime
-
-# regime -> module under ftk.regimes with `apply(model, ctx) -> Prepared`
-REGISTRY = {
-    Regime.full: "full",
-    Regime.feature_extraction: "feature_extraction",
-    Regime.lora: "lora",
-    Regime.qlora: "lora",  # the same adapters; the 4-bit base is loaded by ftk.regimes.qlora_base
-    Regime.prompt_tuning: "prompt_tuning",
-    Regime.freeze_layers: "freeze_layers",
-    Regime.gradual_unfreeze: "gradual_unfreeze",
-    Regime.head_then_full: "head_then_full",
-}
-
-# Regimes whose point is a new head trained (at first) on a frozen body: they need one.
-NEEDS_NEW_HEAD = (Regime.feature_extraction, Regime.head_then_full)
-# Regimes saved as a PEFT adapter (adapter_config.json + adapter_model.safetensors).
-ADAPTERS = (Regime.lora, Regime.qlora, Regime.prompt_tuning)
+from ftk.regimes.table import facts
+from ftk.schemas import Objective
 
 
 @dataclass
@@ -49,19 +33,22 @@ class Prepared:
     note: str = ""              # one line on what the regime did, printed at start
 
 
-def check_fits(regime: Regime, objective: Objective) -> None:
+def check_fits(regime: str, objective: Objective) -> None:
     """Refuse a regime that cannot serve the objective, before anything is loaded."""
-    if regime in NEEDS_NEW_HEAD and objective is not Objective.classification:
-        raise UsageError(f"regime={regime.value} trains a new task head, and objective={objective.value} has none; "
+    row, objective = facts(regime), Objective(objective)
+    if row.needs_new_head and objective is not Objective.classification:
+        raise UsageError(f"regime={row.name} trains a new task head, and objective={objective.value} has none; "
                          "use objective=classification, or regime=freeze_layers / lora for language modelling")
-    if regime is Regime.prompt_tuning and objective is Objective.mlm:
-        raise UsageError("regime=prompt_tuning supports objective=classification, clm and sft, not mlm; "
-                         "use regime=lora for continued masked-LM training")
+    if objective.value in row.refuses:
+        served = ", ".join(o.value for o in Objective if o.value not in row.refuses)
+        fix = "; use regime=lora for continued masked-LM training" if objective is Objective.mlm else ""
+        raise UsageError(f"regime={row.name} supports objective={served}, not {objective.value}{fix}")
 
 
-def apply(regime: Regime, model: Any, ctx: Context) -> Prepared:
+def apply(regime: str, model: Any, ctx: Context) -> Prepared:
+    """Apply regime `regime` (its row names the module) to `model`."""
     check_fits(regime, ctx.objective)
-    module = importlib.import_module(f"ftk.regimes.{REGISTRY[regime]}")
-    prepared = module.apply(model, ctx)
-    prepared.adapter = regime in ADAPTERS
+    row = facts(regime)
+    prepared = importlib.import_module(f"ftk.regimes.{row.module}").apply(model, ctx)
+    prepared.adapter = row.adapter is not None
     return prepared

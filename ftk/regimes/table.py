@@ -1,0 +1,210 @@
+"""What each fine-tuning regime is: its settings schema and every fact other code asks about it.
+
+One row per regime. Loading, the memory planner and its suggestions, finetune, merge-adapter and
+estimate read these facts instead of listing regime names, so adding a regime is its YAML
+(configs/regime/<name>.yaml), its module (ftk/regimes/<module>.py with `apply(model, ctx)`) and its row here.
+
+Torch-free (only dataclasses and omegaconf): Hydra registers the settings schemas from here while composing,
+and the planner reads the costs without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+
+# ------------------------------------------------------------------------------------------------ settings
+# Each regime's config group option is merged onto its own schema, so `regime=full regime.lora_r=64` stops
+# with "Key 'lora_r' not in 'FullSettings'" instead of being ignored. Each default is written once, here.
+
+
+class QuantType(str, Enum):
+    nf4 = "nf4"  # 4-bit NormalFloat: the QLoRA paper's choice for normally distributed weights
+    fp4 = "fp4"
+
+
+class ComputeDtype(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+@dataclass
+class RegimeSettings:
+    """What every regime has: its name and its default peak learning rate (train.lr overrides it)."""
+
+    name: str = "full"
+    lr: float = 1e-4
+
+
+@dataclass
+class FullSettings(RegimeSettings):
+    name: str = "full"
+
+
+@dataclass
+class FeatureExtractionSettings(RegimeSettings):
+    name: str = "feature_extraction"
+    lr: float = 1e-3  # only a new head trains: a head can take a high rate
+
+
+@dataclass
+class LoraSettings(RegimeSettings):
+    name: str = "lora"
+    lr: float = 1e-3
+    lora_r: int = 8                  # rank of the update
+    lora_alpha: int = 16             # the update is scaled by alpha / r
+    lora_dropout: float = 0.05       # dropout on the adapter's input, in [0, 1)
+    target_modules: Optional[List[str]] = None  # module names; null = peft's default for the model family
+                                                # (gpt2: c_attn; llama: q_proj,v_proj; bert: query,value)
+
+
+@dataclass
+class QloraSettings(LoraSettings):
+    name: str = "qlora"
+    quant_type: QuantType = QuantType.nf4
+    compute_dtype: ComputeDtype = ComputeDtype.bf16  # dtype of the de-quantized matmuls
+
+
+@dataclass
+class PromptTuningSettings(RegimeSettings):
+    name: str = "prompt_tuning"
+    lr: float = 3e-2                 # a soft prompt needs a far higher rate than weights (Lester et al. 2021)
+    num_virtual_tokens: int = 20     # length of the soft prompt
+
+
+@dataclass
+class FreezeLayersSettings(RegimeSettings):
+    name: str = "freeze_layers"
+    freeze_layers: int = 2           # blocks frozen from the bottom (with the embeddings)
+
+
+@dataclass
+class GradualUnfreezeSettings(RegimeSettings):
+    name: str = "gradual_unfreeze"
+    unfreeze_every: int = 50         # steps between unfreezing one more block, from the top
+
+
+@dataclass
+class HeadThenFullSettings(RegimeSettings):
+    name: str = "head_then_full"
+    lr: float = 1e-3
+    head_steps: int = 100            # steps with only the head training
+    full_lr_ratio: float = 0.1       # lr of the full phase, relative to regime.lr
+
+
+# Ranges of the regime fields, checked by `check_settings` (field -> (ok, what it must be)).
+RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: v > 0, "positive"),
+    "lora_r": (lambda v: v > 0, "positive"),
+    "lora_alpha": (lambda v: v > 0, "positive"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "num_virtual_tokens": (lambda v: v > 0, "positive"),
+    "freeze_layers": (lambda v: v >= 0, ">= 0"),
+    "unfreeze_every": (lambda v: v > 0, "positive"),
+    "head_steps": (lambda v: v >= 0, ">= 0"),
+    "full_lr_ratio": (lambda v: v > 0, "positive"),
+}
+
+
+def check_settings(settings: Any) -> Optional[str]:
+    """The first regime field out of its range, as one line; None when all are in range."""
+    for key, (ok, must) in RANGES.items():
+        if key in settings and not ok(settings[key]):
+            return f"regime.{key} must be {must}, got {settings[key]}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ planner costs
+
+
+@dataclass(frozen=True)
+class AdapterCost:
+    """What a peft adapter adds on each Linear it targets, for the memory planner."""
+
+    targets: str                                  # peft's default-target table: "lora" | "ia3"
+    params: Callable[[Any, int, int], int]        # (settings, in_features, out_features) -> trainable parameters
+    kept_width: Callable[[Any], int]              # per token, per target: width of what the adapter keeps for
+                                                  # backward besides its input (LoRA: its rank)
+    dropout: Callable[[Any], float] = lambda s: 0.0
+
+
+LORA = AdapterCost("lora", params=lambda s, i, o: s.lora_r * (i + o), kept_width=lambda s: s.lora_r,
+                   dropout=lambda s: s.lora_dropout)
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+
+@dataclass(frozen=True)
+class RegimeFacts:
+    name: str
+    settings: type                     # the schema of its config group option
+    module: str                        # ftk.regimes.<module>.apply(model, ctx) applies it
+    title: str                         # one line for tables and --help
+    body: str                          # the pretrained blocks: "trains" | "frozen" (in the graph, adapters
+                                       # inside) | "frozen_below" (settings.freeze_layers blocks frozen)
+                                       # | "outside" (frozen, gradients never enter the body)
+    head_trains: bool = False          # the (pretrained) output head trains, not only a new one
+    adapter: Optional[AdapterCost] = None  # saved as a PEFT adapter; its planner cost (None: a whole model)
+    virtual_tokens: bool = False       # prepends settings.num_virtual_tokens to every sequence (peft prompts)
+    needs_new_head: bool = False       # only meaningful with a new task head (objective=classification)
+    refuses: Tuple[str, ...] = ()      # objectives it cannot serve
+    frozen_in_16bit: bool = False      # its frozen base is held in bf16/fp16 under bf16/fp16 precision
+    quantized: bool = False            # its frozen base is 4-bit (bitsandbytes), loaded by ftk.regimes.qlora_base
+    left_pad_decoder_classifier: bool = False  # a decoder classifier must pad left (fed inputs_embeds, it
+                                               # cannot find its last real token; it reads the last position)
+    phased: bool = False               # trains more over time; the planner plans its last phase
+    lighter: Tuple[str, ...] = ()      # regimes the planner suggests instead when this one does not fit
+    peft_types: Tuple[str, ...] = ()   # peft_type values of the adapters it saves
+    mergeable: bool = False            # merge-adapter can fold its adapter into the base exactly
+
+
+ROWS: Tuple[RegimeFacts, ...] = (
+    RegimeFacts("full", FullSettings, "full", "every weight trains", body="trains", head_trains=True,
+                lighter=("lora", "qlora")),
+    RegimeFacts("feature_extraction", FeatureExtractionSettings, "feature_extraction",
+                "frozen backbone, only the new head trains", body="outside", needs_new_head=True),
+    RegimeFacts("lora", LoraSettings, "lora", "peft LoRA adapters (+ the new head)", body="frozen",
+                adapter=LORA, frozen_in_16bit=True, lighter=("qlora",), peft_types=("LORA",), mergeable=True),
+    RegimeFacts("qlora", QloraSettings, "lora", "4-bit NF4 frozen base (bitsandbytes) + LoRA", body="frozen",
+                adapter=LORA, quantized=True, peft_types=("LORA",), mergeable=True),
+    RegimeFacts("prompt_tuning", PromptTuningSettings, "prompt_tuning", "peft soft prompt; every model weight frozen",
+                body="frozen", adapter=AdapterCost("prompt", params=lambda s, i, o: 0, kept_width=lambda s: 0),
+                virtual_tokens=True, refuses=("mlm",), frozen_in_16bit=True, left_pad_decoder_classifier=True,
+                peft_types=("PROMPT_TUNING",)),
+    RegimeFacts("freeze_layers", FreezeLayersSettings, "freeze_layers", "embeddings and the first k blocks frozen",
+                body="frozen_below", head_trains=True, lighter=("lora", "qlora")),
+    RegimeFacts("gradual_unfreeze", GradualUnfreezeSettings, "gradual_unfreeze",
+                "ULMFiT: head first, then one more block from the top", body="trains", head_trains=True,
+                phased=True, lighter=("lora", "qlora")),
+    RegimeFacts("head_then_full", HeadThenFullSettings, "head_then_full",
+                "head alone, then everything at a lower lr", body="trains", head_trains=True, needs_new_head=True,
+                phased=True, lighter=("lora", "qlora")),
+)
+
+TABLE: Dict[str, RegimeFacts] = {row.name: row for row in ROWS}
+NAMES: Tuple[str, ...] = tuple(TABLE)
+
+
+def facts(name: Any) -> RegimeFacts:
+    """The row of regime `name` (a str or anything with a `.value`, e.g. an Enum member)."""
+    key = getattr(name, "value", name)
+    try:
+        return TABLE[key]
+    except KeyError:
+        raise KeyError(f"unknown regime {key!r}; regimes: {', '.join(NAMES)}") from None
+
+
+def settings_of(name: str) -> Any:
+    """The default settings of regime `name`, as a structured config (what `regime=<name>` composes to)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(facts(name).settings)
+
+
+def of_peft_type(peft_type: str) -> List[RegimeFacts]:
+    """The regimes whose adapters have this peft_type (e.g. LORA: lora, qlora)."""
+    return [row for row in ROWS if peft_type.upper() in row.peft_types]
