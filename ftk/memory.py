@@ -553,7 +553,7 @@ def _components(s: Shape, u: Setup) -> Estimate:
     if row.adapter is not None:
         if row.adapter.targets != "prompt":
             targets = adapter_targets(s, r.target_modules, row.adapter.targets)
-            extra = layers * sum(row.adapter.params(r, t.in_features, t.out_features) for t in targets)
+            extra = layers * sum(row.adapter.params(r, t) for t in targets)
         base_trainable = head.new_params
     elif row.body == "outside":
         base_trainable = head.new_params
@@ -566,7 +566,7 @@ def _components(s: Shape, u: Setup) -> Estimate:
     virtual = r.num_virtual_tokens if row.virtual_tokens else 0
     extra += virtual * h
     trainable = base_trainable + extra
-    rank = row.adapter.kept_width(r) if row.adapter is not None else 0
+    kept = sum(row.adapter.kept(r, t) for t in targets) if targets else 0  # adapters' own saved values
     dropout = row.adapter.dropout(r) if row.adapter is not None else 0.0
 
     # -- weights
@@ -640,14 +640,14 @@ def _components(s: Shape, u: Setup) -> Estimate:
         if autocast:
             per_token -= c.frozen_h_fp32_mixed * h * resid + (c.frozen_h_16_mixed * h + i) * low
             # each adapter casts its input to 16 bits itself; its dropout runs on the float32 input
-            per_token += sum(t.in_features + rank for t in targets) * low
+            per_token += (sum(t.in_features for t in targets) + kept) * low
             if dropout > 0:
                 per_token += sum(t.in_features for t in targets) * resid
-            lora_copies = sum(row.adapter.params(r, t.in_features, t.out_features) for t in targets) * 2
+            lora_copies = sum(row.adapter.params(r, t) for t in targets) * 2
         else:
             per_token -= (c.frozen_h * h + i) * act
             # adapters reading the same tensor share it; with dropout each keeps its own copy and mask
-            per_token += sum({t.reads: t.in_features for t in targets}.values()) * act + len(targets) * rank * act
+            per_token += sum({t.reads: t.in_features for t in targets}.values()) * act + kept * act
             if dropout > 0:
                 per_token += sum(t.in_features for t in targets) * (act + 2)
     per_layer = per_token * n

@@ -122,17 +122,18 @@ def check_settings(settings: Any) -> Optional[str]:
 
 @dataclass(frozen=True)
 class AdapterCost:
-    """What a peft adapter adds on each Linear it targets, for the memory planner."""
+    """What a peft adapter adds on each block Linear it targets (an ftk.memory.Linear), for the planner."""
 
-    targets: str                                  # peft's default-target table: "lora" | "ia3"
-    params: Callable[[Any, int, int], int]        # (settings, in_features, out_features) -> trainable parameters
-    kept_width: Callable[[Any], int]              # per token, per target: width of what the adapter keeps for
-                                                  # backward besides its input (LoRA: its rank)
+    targets: str                             # peft's default-target table: "lora" | "ia3"; "prompt": none
+    params: Callable[[Any, Any], int]        # (settings, linear) -> trainable parameters
+    kept: Callable[[Any, Any], int]          # (settings, linear) -> values per token it keeps for backward
+                                             # besides the input it shares with the frozen layer
     dropout: Callable[[Any], float] = lambda s: 0.0
 
 
-LORA = AdapterCost("lora", params=lambda s, i, o: s.lora_r * (i + o), kept_width=lambda s: s.lora_r,
-                   dropout=lambda s: s.lora_dropout)
+LORA = AdapterCost("lora", params=lambda s, lin: s.lora_r * (lin.in_features + lin.out_features),
+                   kept=lambda s, lin: s.lora_r, dropout=lambda s: s.lora_dropout)
+PROMPT = AdapterCost("prompt", params=lambda s, lin: 0, kept=lambda s, lin: 0)
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -172,7 +173,7 @@ ROWS: Tuple[RegimeFacts, ...] = (
     RegimeFacts("qlora", QloraSettings, "lora", "4-bit NF4 frozen base (bitsandbytes) + LoRA", body="frozen",
                 adapter=LORA, quantized=True, peft_types=("LORA",), mergeable=True),
     RegimeFacts("prompt_tuning", PromptTuningSettings, "prompt_tuning", "peft soft prompt; every model weight frozen",
-                body="frozen", adapter=AdapterCost("prompt", params=lambda s, i, o: 0, kept_width=lambda s: 0),
+                body="frozen", adapter=PROMPT,
                 virtual_tokens=True, refuses=("mlm",), frozen_in_16bit=True, left_pad_decoder_classifier=True,
                 peft_types=("PROMPT_TUNING",)),
     RegimeFacts("freeze_layers", FreezeLayersSettings, "freeze_layers", "embeddings and the first k blocks frozen",
