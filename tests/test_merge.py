@@ -171,6 +171,27 @@ def test_qlora_adapter_merges_into_a_dequantized_full_precision_base(adapters, t
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("regime", ["dora"])
+def test_other_peft_regimes_merge_exactly_into_a_plain_classifier(regime, pretrained, tmp_path):
+    """Regimes whose peft adapters change weights merge like LoRA: plain weights, base+adapter's logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_labelled(48, seed=1))
+    run, out = tmp_path / regime, tmp_path / f"{regime}-merged"
+    assert ftk("finetune", f"model.name_or_path={pretrained['gpt']}", *FAST, f"regime={regime}",
+               f"data.path={train}", f"hydra.run.dir={run}") == 0
+    assert merge(f"adapter_path={run / 'final'}", f"output_dir={out}") == 0
+    weights = load_file(str(out / "model.safetensors"))
+    assert not [k for k in weights if "lora" in k or "ia3" in k or "base_model" in k], sorted(weights)[:5]
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    ids, mask = tokens(out, append_eos=True)
+    with torch.no_grad():
+        logits = merged(input_ids=ids, attention_mask=mask).logits
+    expected = reference(run / "final", AutoModelForSequenceClassification, ids, mask, num_labels=3,
+                         pad_token_id=merged.config.pad_token_id)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
 def wide_gpt(pretrained, path: Path) -> Path:
     """A GPT of another width (n_embd 32, not 64) with the same tokenizer."""
     from transformers import AutoConfig, GPT2LMHeadModel

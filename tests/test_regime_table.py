@@ -52,7 +52,7 @@ def test_a_key_of_another_regime_is_refused_naming_the_valid_keys(capsys):
 
 
 def test_lora_variants_extend_lora():
-    for name in ("qlora",):
+    for name in ("qlora", "dora"):
         cfg = compose(f"regime={name}", "regime.lora_r=4")
         assert cfg.regime.name == name and cfg.regime.lora_r == 4 and cfg.regime.lora_alpha == 16
 

@@ -69,6 +69,11 @@ class QloraSettings(LoraSettings):
 
 
 @dataclass
+class DoraSettings(LoraSettings):
+    name: str = "dora"
+
+
+@dataclass
 class PromptTuningSettings(RegimeSettings):
     name: str = "prompt_tuning"
     lr: float = 3e-2                 # a soft prompt needs a far higher rate than weights (Lester et al. 2021)
@@ -133,6 +138,11 @@ class AdapterCost:
 
 LORA = AdapterCost("lora", params=lambda s, lin: s.lora_r * (lin.in_features + lin.out_features),
                    kept=lambda s, lin: s.lora_r, dropout=lambda s: s.lora_dropout)
+# DoRA: LoRA plus a magnitude per output; it keeps the adapted layer's output for the magnitude's gradient
+DORA = AdapterCost("lora", params=lambda s, lin: s.lora_r * (lin.in_features + lin.out_features) + lin.out_features,
+                   kept=lambda s, lin: s.lora_r + lin.out_features, dropout=lambda s: s.lora_dropout)
+
+
 PROMPT = AdapterCost("prompt", params=lambda s, lin: 0, kept=lambda s, lin: 0)
 
 
@@ -172,6 +182,8 @@ ROWS: Tuple[RegimeFacts, ...] = (
                 adapter=LORA, frozen_in_16bit=True, lighter=("qlora",), peft_types=("LORA",), mergeable=True),
     RegimeFacts("qlora", QloraSettings, "lora", "4-bit NF4 frozen base (bitsandbytes) + LoRA", body="frozen",
                 adapter=LORA, quantized=True, peft_types=("LORA",), mergeable=True),
+    RegimeFacts("dora", DoraSettings, "dora", "peft DoRA: LoRA with a learned magnitude per output", body="frozen",
+                adapter=DORA, frozen_in_16bit=True, lighter=("lora", "qlora"), peft_types=("LORA",), mergeable=True),
     RegimeFacts("prompt_tuning", PromptTuningSettings, "prompt_tuning", "peft soft prompt; every model weight frozen",
                 body="frozen", adapter=PROMPT,
                 virtual_tokens=True, refuses=("mlm",), frozen_in_16bit=True, left_pad_decoder_classifier=True,
