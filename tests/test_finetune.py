@@ -102,7 +102,7 @@ def test_head_then_full_lowers_the_rate_when_the_body_joins(pretrained, task, tm
 
 
 @pytest.mark.parametrize("regime,expect", [("lora", "lora_"), ("prompt_tuning", "prompt_embeddings"),
-                                           ("dora", "lora_")])
+                                           ("dora", "lora_"), ("ia3", "ia3_l")])
 def test_adapter_regimes_save_only_the_adapter_and_head(regime, expect, pretrained, task, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -117,6 +117,8 @@ def test_adapter_regimes_save_only_the_adapter_and_head(regime, expect, pretrain
         assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # B starts at zero: it trained
     if regime == "dora":
         assert any("lora_magnitude_vector" in k for k in saved), "DoRA saves its magnitudes"
+    if regime == "ia3":  # its vectors start at one
+        assert any("ia3_l" in k and not torch.equal(v, torch.ones_like(v)) for k, v in saved.items())
     # plain peft loads it on its base, and gives the accuracy the run reported
     config = json.loads((final / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(pretrained["gpt"].resolve())

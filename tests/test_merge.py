@@ -171,7 +171,7 @@ def test_qlora_adapter_merges_into_a_dequantized_full_precision_base(adapters, t
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("regime", ["dora"])
+@pytest.mark.parametrize("regime", ["dora", "ia3"])
 def test_other_peft_regimes_merge_exactly_into_a_plain_classifier(regime, pretrained, tmp_path):
     """Regimes whose peft adapters change weights merge like LoRA: plain weights, base+adapter's logits."""
     from transformers import AutoModelForSequenceClassification

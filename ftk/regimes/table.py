@@ -74,6 +74,16 @@ class DoraSettings(LoraSettings):
 
 
 @dataclass
+class Ia3Settings(RegimeSettings):
+    name: str = "ia3"
+    lr: float = 3e-3                 # T-Few's rate for (IA)^3 vectors
+    target_modules: Optional[List[str]] = None       # null = peft's default for the family
+                                                     # (gpt2: c_attn, mlp.c_proj; llama: k_proj, v_proj, down_proj)
+    feedforward_modules: Optional[List[str]] = None  # targets whose input (not output) is rescaled; null = peft's
+                                                     # default with default targets, none with targets of your own
+
+
+@dataclass
 class PromptTuningSettings(RegimeSettings):
     name: str = "prompt_tuning"
     lr: float = 3e-2                 # a soft prompt needs a far higher rate than weights (Lester et al. 2021)
@@ -143,6 +153,19 @@ DORA = AdapterCost("lora", params=lambda s, lin: s.lora_r * (lin.in_features + l
                    kept=lambda s, lin: s.lora_r + lin.out_features, dropout=lambda s: s.lora_dropout)
 
 
+def _ia3_feedforward(s: Any, lin: Any) -> bool:
+    """Whether (IA)^3 rescales this Linear's input (a feed-forward module) rather than its output."""
+    names = s.feedforward_modules
+    if names is None and s.target_modules is None:  # peft's defaults, over every family it knows
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as mapping
+
+        names = {n for family in mapping.values() for n in family}
+    return any(lin.name == n or lin.name.endswith("." + n) for n in names or ())
+
+
+# (IA)^3: one vector per target, as wide as what it rescales; it keeps the rescaled tensor for its gradient
+IA3 = AdapterCost("ia3", params=lambda s, lin: lin.in_features if _ia3_feedforward(s, lin) else lin.out_features,
+                  kept=lambda s, lin: 0 if _ia3_feedforward(s, lin) else lin.out_features)
 PROMPT = AdapterCost("prompt", params=lambda s, lin: 0, kept=lambda s, lin: 0)
 
 
@@ -184,6 +207,8 @@ ROWS: Tuple[RegimeFacts, ...] = (
                 adapter=LORA, quantized=True, peft_types=("LORA",), mergeable=True),
     RegimeFacts("dora", DoraSettings, "dora", "peft DoRA: LoRA with a learned magnitude per output", body="frozen",
                 adapter=DORA, frozen_in_16bit=True, lighter=("lora", "qlora"), peft_types=("LORA",), mergeable=True),
+    RegimeFacts("ia3", Ia3Settings, "ia3", "peft (IA)^3: learned rescaling vectors; every weight frozen",
+                body="frozen", adapter=IA3, frozen_in_16bit=True, peft_types=("IA3",), mergeable=True),
     RegimeFacts("prompt_tuning", PromptTuningSettings, "prompt_tuning", "peft soft prompt; every model weight frozen",
                 body="frozen", adapter=PROMPT,
                 virtual_tokens=True, refuses=("mlm",), frozen_in_16bit=True, left_pad_decoder_classifier=True,
