@@ -8,6 +8,8 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from ftk import runs
 from ftk.errors import UsageError
+from ftk.models import auto_class
+from ftk.objectives.table import NAMES, fits, language_objective
 from ftk.regimes.table import facts
 from ftk.schemas import Objective
 
@@ -47,7 +49,8 @@ def is_encoder(config: Any) -> bool:
 
 
 def lm_objective(config: Any) -> Objective:
-    return Objective.mlm if is_encoder(config) else Objective.clm
+    """The objective the model's language-model head trains with (mlm for encoders, clm for decoders)."""
+    return Objective(language_objective(is_encoder(config)))
 
 
 @dataclass
@@ -141,33 +144,22 @@ def load_tokenizer(base: str, trust_remote_code: bool) -> Any:
     return tokenizer
 
 
-def auto_class(objective: Objective, encoder: bool):
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
-
-    if objective is Objective.classification:
-        return AutoModelForSequenceClassification
-    if objective is Objective.mlm or (objective is not Objective.sft and encoder):
-        return AutoModelForMaskedLM
-    return AutoModelForCausalLM
-
-
 def load_task_model(cfg: Any, base: str, objective: Objective, regime: str, tokenizer: Any, labels: List[str],
                     config: Any, precision: str = "fp32") -> Tuple[Any, List[str]]:
     """The base with the head the objective needs; returns (model, names of freshly initialised parameters)."""
     encoder = is_encoder(config)
-    if encoder and objective in (Objective.clm, Objective.sft):
-        raise UsageError(f"{base} is an encoder ({config.model_type}) and cannot be trained with "
-                         f"objective={objective.value}; use objective=classification or mlm")
-    if not encoder and objective is Objective.mlm:
-        raise UsageError(f"{base} is a decoder ({config.model_type}) and cannot be trained with objective=mlm; "
-                         "use objective=clm")
+    if not fits(objective, encoder):
+        kind = "an encoder" if encoder else "a decoder"
+        fitting = " or ".join(name for name in NAMES if fits(name, encoder))
+        raise UsageError(f"{base} is {kind} ({config.model_type}) and cannot be trained with "
+                         f"objective={objective.value}; use objective={fitting}")
     kwargs: dict = {"trust_remote_code": cfg.model.trust_remote_code, "output_loading_info": True}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if objective is Objective.classification:
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={name: i for i, name in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
-    cls = auto_class(objective, encoder)
+    cls = auto_class(objective)
     try:
         if facts(regime).quantized:
             from ftk.regimes.qlora_base import load_4bit_base
@@ -231,10 +223,7 @@ def _dtype(name: str):
 
 def load_base_lm(base: str, config: Any, trust_remote_code: bool) -> Any:
     """The base checkpoint with its language-model head (for forgetting and replay)."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-    cls = AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM
-    return cls.from_pretrained(base, trust_remote_code=trust_remote_code)
+    return auto_class(lm_objective(config)).from_pretrained(base, trust_remote_code=trust_remote_code)
 
 
 def general_blocks(path: str, tokenizer: Any, seq_len: int, objective: Objective, limit: Optional[int],

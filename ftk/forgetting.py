@@ -5,7 +5,7 @@
   adapter's effect counts). A classifier's body is therefore measured by the same perplexity as
   the base model it came from.
 * `perplexity` is token-weighted over fixed blocks of general text (CLM), or the masked-token
-  perplexity with a fixed masking seed (MLM).
+  perplexity with a fixed masking seed (MLM), each computed by its objective (ftk/objectives/).
 * `Replay` and `L2SP` are extra losses for the training loop (`extra_loss(model, step)`).
 """
 
@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ftk.data.sampler import BlockStream
 from ftk.schemas import Objective
@@ -41,18 +40,16 @@ def language_view(finetuned: Any, base_lm: Any) -> Any:
 
 
 def lm_loss(model: Any, blocks: torch.Tensor, objective: Objective, generator: Optional[torch.Generator] = None,
-            mask_id: Optional[int] = None, special_ids: Optional[torch.Tensor] = None):
-    """(sum, count) of the LM loss on blocks: next-token for CLM, 15% masked tokens for MLM."""
-    if objective is Objective.mlm:
-        special = torch.isin(blocks, special_ids.to(blocks.device))
-        draw = torch.rand(blocks.shape, generator=generator).to(blocks.device)
-        picked = (draw < 0.15) & ~special
-        corrupted = blocks.masked_fill(picked, mask_id)
-        logits = model(input_ids=corrupted).logits
-        return F.cross_entropy(logits[picked].float(), blocks[picked], reduction="sum"), picked.sum()
-    logits = model(input_ids=blocks).logits
-    return (F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), blocks[:, 1:].flatten(), reduction="sum"),
-            torch.tensor(blocks[:, 1:].numel()))
+            tokenizer: Any = None, device: Any = None):
+    """(sum, count) of the language-model loss on CPU `blocks` under `objective` (clm or mlm), computed by that
+    objective itself, so forgetting, replay and `ftk evaluate` measure a model the same way (MLM: its
+    masking drawn from `generator` on the CPU, whatever the model's device; None = the model's)."""
+    from ftk.objectives.table import build, settings_of
+
+    lm = build(settings_of(Objective(objective).value), tokenizer)
+    device = device if device is not None else next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in lm.inputs(blocks, generator).items()}
+    return lm.loss(model, inputs)
 
 
 @torch.no_grad()
@@ -61,12 +58,10 @@ def perplexity(model: Any, blocks: np.ndarray, objective: Objective, batch_size:
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    mask_id = tokenizer.mask_token_id if tokenizer is not None else None
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids))) if tokenizer is not None else None
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
-        batch = torch.from_numpy(np.asarray(blocks[start:start + batch_size], dtype=np.int64)).to(device)
-        loss_sum, n = lm_loss(model, batch, objective, generator, mask_id, special)
+        batch = torch.from_numpy(np.asarray(blocks[start:start + batch_size], dtype=np.int64))
+        loss_sum, n = lm_loss(model, batch, objective, generator, tokenizer, device)
         total += float(loss_sum)
         count += int(n)
     model.train(was_training)
@@ -84,15 +79,12 @@ class Replay:
         self.weight = fraction / (1.0 - fraction)
         self.objective, self.seed, self.tokenizer = objective, seed, tokenizer
         self.stream = BlockStream(len(blocks), seed + 7919)
-        self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
 
     def __call__(self, model: Any, step: int) -> torch.Tensor:
         idx = np.sort(self.stream.take(step * self.per_step, self.per_step))
-        device = next(self.view.parameters()).device
-        batch = torch.from_numpy(np.asarray(self.blocks[idx], dtype=np.int64)).to(device)
+        batch = torch.from_numpy(np.asarray(self.blocks[idx], dtype=np.int64))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        loss_sum, count = lm_loss(self.view, batch, self.objective, generator, self.tokenizer.mask_token_id,
-                                  self.special)
+        loss_sum, count = lm_loss(self.view, batch, self.objective, generator, self.tokenizer)
         return self.weight * loss_sum / count.clamp(min=1)
 
 

@@ -73,6 +73,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ftk.errors import UsageError
+from ftk.objectives.table import MlmSettings
 
 GB = 10 ** 9
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64, fp32 absmax per 256 blocks
@@ -358,7 +359,7 @@ class Setup:
     device: str = "cpu"              # cpu | cuda (decides the overhead)
     settings: Any = None             # the regime's settings (ftk.regimes.table); None = its defaults
     num_labels: int = DEFAULT_NUM_LABELS
-    mlm_probability: float = 0.15
+    mlm_probability: float = MlmSettings.mlm_probability
     finetuning: bool = True          # False for `ftk pretrain`: no regime changes are suggested
     matmul_attention: bool = False   # ftk.cpu_attention (CPU bf16): keeps each layer's attention probabilities
     batch_size: Optional[int] = None  # global batch (sequences per optimizer step), for the accumulation shown
@@ -936,7 +937,7 @@ def setup_from_cfg(cfg: Any, *, devices: Optional[int] = None, plan: Any = None,
         objective=objective, precision=precision, weights=weights, optimizer=optimizer,
         micro_batch_size=micro, seq_len=t.seq_len, gradient_checkpointing=bool(hw.gradient_checkpointing),
         devices=world, strategy=strategy, device=device,
-        mlm_probability=cfg.objective.mlm_probability, finetuning=finetuning, batch_size=t.batch_size,
+        mlm_probability=cfg.objective.get("mlm_probability", MlmSettings.mlm_probability), finetuning=finetuning, batch_size=t.batch_size,
         matmul_attention=matmul_attention)
 
 

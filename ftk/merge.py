@@ -257,16 +257,16 @@ def refuse_other_vocabulary(adapter: Adapter, base: str, tokenizer: Any, trust_r
 
 
 def objective_of(adapter: Adapter, base_config: Any) -> Objective:
-    from ftk.finetune_setup import is_encoder
+    """What the adapter was trained for: its run's record, else the objective of its peft task_type, else the
+    base's language objective."""
+    from ftk.finetune_setup import lm_objective
+    from ftk.objectives.table import ROWS
 
     if adapter.record.get("objective"):
         return Objective(adapter.record["objective"])
     task = adapter.config.get("task_type")
-    if task == "SEQ_CLS":
-        return Objective.classification
-    if task == "CAUSAL_LM":
-        return Objective.clm
-    return Objective.mlm if is_encoder(base_config) else Objective.clm
+    named = [row.name for row in ROWS if task and row.peft_task_type == task]
+    return Objective(named[0]) if named else lm_objective(base_config)
 
 
 def labels_of(adapter: Adapter) -> List[str]:
@@ -553,7 +553,7 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
     objective = objective_of(adapter, base_config)
     labels = labels_of(adapter) if objective is Objective.classification else []
     encoder = setup.is_encoder(base_config)
-    cls = setup.auto_class(objective, encoder)
+    cls = setup.auto_class(objective)
     kwargs = load_kwargs(objective, labels, tokenizer, trust)
     quantized_base = bool(adapter.record.get("quantized_base"))
     regime = adapter.record.get("regime") or adapter.peft_type.lower()

@@ -54,14 +54,17 @@ def _swiglu_width(hidden: int) -> int:
     return (int(8 * hidden / 3) + 15) // 16 * 16
 
 
-def auto_class(objective: Objective):
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+HEADS = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM",
+         "sequence_classification": "AutoModelForSequenceClassification"}
 
-    if objective is Objective.clm:
-        return AutoModelForCausalLM
-    if objective is Objective.mlm:
-        return AutoModelForMaskedLM
-    raise UsageError(f"objective={objective.value} has no language-model head; use clm or mlm here")
+
+def auto_class(objective: Any):
+    """The transformers Auto class of the head objective `objective` trains (its row's `head`)."""
+    import transformers
+
+    from ftk.objectives.table import facts
+
+    return getattr(transformers, HEADS[facts(objective).head])
 
 
 def build_model(m: Any, objective: Objective, tokenizer: Any):

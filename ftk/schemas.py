@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
 from ftk.errors import UsageError
+from ftk.objectives import table as objective_table
 
 
 class Family(str, Enum):
@@ -28,11 +29,8 @@ class Family(str, Enum):
     roberta = "roberta"
 
 
-class Objective(str, Enum):
-    clm = "clm"                        # next-token prediction (GPT, Llama)
-    mlm = "mlm"                        # masked-token prediction (BERT, RoBERTa)
-    classification = "classification"  # new task head on the pretrained body
-    sft = "sft"                        # instruction tuning, loss on response tokens only
+# The objectives' names, from their table (ftk/objectives/table.py): one list, read everywhere.
+Objective = Enum("Objective", {name: name for name in objective_table.NAMES}, type=str)
 
 
 class Schedule(str, Enum):
@@ -94,14 +92,6 @@ class ModelConfig:
     trust_remote_code: bool = False          # never run code from a model repo unless you opt in
     random_init: bool = False                # finetune: the base's architecture and tokenizer with freshly
                                              # initialised weights (seeded): the from-scratch control arm
-
-
-@dataclass
-class ObjectiveConfig:
-    name: Objective = Objective.clm
-    mlm_probability: float = 0.15     # share of tokens selected for prediction (BERT: 0.15)
-    mask_replace_prob: float = 0.8    # of the selected: share replaced by [MASK]
-    random_replace_prob: float = 0.1  # of the selected: share replaced by a random token; the rest stay
 
 
 @dataclass
@@ -187,7 +177,8 @@ class ForgettingConfig:
 @dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # One schema per objective (ftk/objectives/table.py), chosen by the `objective` group.
+    objective: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -215,7 +206,8 @@ def register() -> None:
     for row in ROWS:
         cs.store(group="regime", name=f"{row.name}_schema", node=row.settings)
     cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="objective", name="schema", node=ObjectiveConfig)
+    for row in objective_table.ROWS:
+        cs.store(group="objective", name=f"{row.name}_schema", node=row.settings)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="train", name="schema", node=TrainConfig)
     cs.store(group="hardware", name="schema", node=HardwareConfig)
@@ -255,23 +247,20 @@ def validate(cfg: Any) -> None:
         _require(m.hidden_size % m.num_heads == 0,
                  f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
         encoder = Family(m.family) in (Family.bert, Family.roberta)
-        if Objective(o.name) is Objective.clm and encoder:
-            raise UsageError(f"model.family={Family(m.family).value} is an encoder and cannot be trained with "
-                             "objective=clm; use objective=mlm, or a decoder (model=gpt-tiny, model=llama-tiny)")
-        if Objective(o.name) is Objective.mlm and not encoder:
-            raise UsageError(f"model.family={Family(m.family).value} is a decoder and cannot be trained with "
-                             "objective=mlm; use objective=clm, or an encoder (model=bert-tiny, model=bert-small)")
-    for key in ("mlm_probability", "mask_replace_prob", "random_replace_prob"):
-        _require(0.0 <= getattr(o, key) <= 1.0, f"objective.{key} must be in [0, 1], got {getattr(o, key)}")
-    _require(o.mask_replace_prob + o.random_replace_prob <= 1.0,
-             "objective.mask_replace_prob + objective.random_replace_prob must be at most 1")
+        if not objective_table.fits(o.name, encoder):
+            kind, fix = (("an encoder", "objective=mlm, or a decoder (model=gpt-tiny, model=llama-tiny)") if encoder
+                         else ("a decoder", "objective=clm, or an encoder (model=bert-tiny, model=bert-small)"))
+            raise UsageError(f"model.family={Family(m.family).value} is {kind} and cannot be trained with "
+                             f"objective={o.name}; use {fix}")
+    out_of_range = objective_table.check_settings(o)
+    _require(out_of_range is None, out_of_range or "")
     resume = str(t.resume)
     _require(resume in ("never", "auto") or bool(resume), "train.resume must be never, auto or a checkpoint dir")
     hw = cfg.hardware
     _require(hw.micro_batch_size is None or hw.micro_batch_size > 0,
              f"hardware.micro_batch_size must be positive, got {hw.micro_batch_size}")
-    _require(o.name in (Objective.clm, Objective.mlm) or "regime" in cfg,
-             f"objective={o.name.value} is a fine-tuning objective; use `ftk finetune objective={o.name.value}`")
+    _require(objective_table.facts(o.name).pretraining or "regime" in cfg,
+             f"objective={o.name} is a fine-tuning objective; use `ftk finetune objective={o.name}`")
 
 
 def validate_finetune(cfg: Any) -> None:
@@ -288,7 +277,7 @@ def validate_finetune(cfg: Any) -> None:
     d = cfg.data
     _require(d.train_examples is None or d.train_examples > 0,
              f"data.train_examples must be positive (or null for all), got {d.train_examples}")
-    classification = Objective(cfg.objective.name) is Objective.classification
+    classification = objective_table.facts(cfg.objective.name).data == "labelled"
     for key in ("train_examples", "test_path"):
         _require(getattr(d, key) is None or classification,
                  f"data.{key} applies to objective=classification only; drop it, or score other objectives "

@@ -61,12 +61,14 @@ def estimate(cfg: DictConfig):
     from ftk import memory, regimes
     from ftk.schemas import Objective
 
+    from ftk.objectives.table import NAMES, fits
+
     regimes.check_fits(cfg.regime.name, Objective(cfg.objective.name))
     shape = _shape(cfg)
-    if shape.encoder and cfg.objective.name.value in ("clm", "sft"):
-        raise UsageError(f"{shape.model_type} is an encoder: pass objective=mlm or objective=classification")
-    if not shape.encoder and cfg.objective.name.value == "mlm":
-        raise UsageError(f"{shape.model_type} is a decoder: pass objective=clm (or sft, classification)")
+    if not fits(cfg.objective.name, shape.encoder):
+        kind = "an encoder" if shape.encoder else "a decoder"
+        fitting = [name for name in NAMES if fits(name, shape.encoder)]
+        raise UsageError(f"{shape.model_type} is {kind}: pass objective={' or objective='.join(fitting)}")
     devices = cfg.estimate.devices or _devices(cfg)
     weights = str(cfg.estimate.weights)
     if weights not in WEIGHTS:

@@ -29,6 +29,7 @@ def finetune(cfg: DictConfig) -> dict:
     started = time.time()
     schemas.validate_finetune(cfg)
     from ftk import regimes
+    from ftk.objectives.table import facts as objective_facts
     from ftk.regimes.table import facts
     from ftk.schemas import Objective
 
@@ -108,7 +109,7 @@ def finetune(cfg: DictConfig) -> dict:
     trainable_end, _ = count_parameters(unwrapped)  # gradual_unfreeze / head_then_full end with more than they start
     forgetting_result = {}
     if general is not None:
-        view = unwrapped if objective in (Objective.clm, Objective.sft, Objective.mlm) else \
+        view = unwrapped if objective_facts(objective).language_model else \
             forgetting.language_view(unwrapped, setup.load_base_lm(base, base_config, cfg.model.trust_remote_code))
         if hasattr(view, "get_base_model"):  # a soft prompt is the task's; general text is read without it
             view = view.get_base_model()
@@ -171,7 +172,7 @@ def _objective(cfg: DictConfig, tokenizer):
 def _replay(cfg, base, base_config, model, objective, lm_objective, tokenizer, session, say):
     """LM loss on general (pretraining) text mixed into every step, through the model's own body."""
     from ftk import finetune_setup as setup, forgetting, runs
-    from ftk.schemas import Objective
+    from ftk.objectives.table import facts as objective_facts
 
     path = cfg.forgetting.replay_path
     if path is None:
@@ -181,7 +182,7 @@ def _replay(cfg, base, base_config, model, objective, lm_objective, tokenizer, s
                              "model is not an ftk pretrain run, so its pretraining data is unknown")
         path = pretraining
     blocks = setup.general_blocks(path, tokenizer, cfg.train.seq_len, lm_objective, None, cfg.data.cache_dir)
-    if objective in (Objective.clm, Objective.sft, Objective.mlm):
+    if objective_facts(objective).language_model:
         view = model.get_base_model() if hasattr(model, "get_base_model") else model
     else:
         view = forgetting.language_view(model, setup.load_base_lm(base, base_config, cfg.model.trust_remote_code))

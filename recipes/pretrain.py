@@ -40,7 +40,7 @@ def pretrain(cfg: DictConfig) -> dict:
     planned = memory.check_before_launch(cfg, None, say, plan=session.plan)  # exit 2 when it cannot fit
     if session.plan.device == "cpu":
         memory.set_cpu_allocator(planned, say)  # keep freed tensors for reuse unless memory is tight
-    objective_name = cfg.objective.name.value
+    objective_name = cfg.objective.name
 
     with session.accelerator.main_process_first():  # rank 0 fills the caches, the others then read them
         splits = lm_setup.load_text(cfg, say)

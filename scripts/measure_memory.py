@@ -80,6 +80,7 @@ def measure(case: Dict[str, Any], steps: int, release: bool) -> Dict[str, Any]:
     from ftk.models import build_model
     from ftk.objectives.clm import CausalLM
     from ftk.objectives.mlm import MaskedLM
+    from ftk.objectives.table import MlmSettings
     from ftk.optim import build_optimizer
     from ftk.peak_memory import PeakMemory, rss_bytes
     from ftk.schemas import ModelConfig, Objective
@@ -97,7 +98,7 @@ def measure(case: Dict[str, Any], steps: int, release: bool) -> Dict[str, Any]:
             return m.vocab_size
 
     tok = Tok()
-    objective = CausalLM() if objective_name == "clm" else MaskedLM(tok, 0.15, 0.8, 0.1)
+    objective = CausalLM() if objective_name == "clm" else MaskedLM(MlmSettings(), tok)
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=True, mixed_precision={"fp32": "no", "bf16": "bf16"}[case["precision"]])
 

@@ -94,13 +94,17 @@ def test_config_options_set_only_what_differs_from_their_schema():
     import yaml
 
     from ftk import schemas
+    from ftk.objectives import table as objectives
+    from ftk.regimes import table as regimes
 
-    groups = {"model": schemas.ModelConfig, "objective": schemas.ObjectiveConfig, "hardware": schemas.HardwareConfig,
-              "train": schemas.TrainConfig, "data": schemas.DataConfig}
+    groups = {"model": schemas.ModelConfig, "hardware": schemas.HardwareConfig, "train": schemas.TrainConfig,
+              "data": schemas.DataConfig, "objective": objectives, "regime": regimes}
     restated = []
     for group, schema in groups.items():
-        defaults = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
         for path in sorted((CONFIGS / group).glob("*.yaml")):
+            own_schema = schema.facts(path.stem).settings if hasattr(schema, "facts") else schema
+            defaults = {f.name: f.default for f in dataclasses.fields(own_schema)
+                        if f.default is not dataclasses.MISSING}
             own = yaml.safe_load(path.read_text()) or {}
             restated += [f"{group}/{path.name}: {key}" for key, value in own.items()
                          if key not in ("defaults", "name") and key in defaults and value != "???"

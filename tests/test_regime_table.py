@@ -4,12 +4,10 @@ the planner's trainable count from the row equals what the regime really trains 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from pathlib import Path
 
 import pytest
-import yaml
 from omegaconf import OmegaConf
 
 from ftk.regimes.table import NAMES, ROWS, facts, settings_of
@@ -34,13 +32,10 @@ def test_every_row_has_its_option_and_module_and_every_option_its_row():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_each_option_composes_to_its_schema_and_restates_no_default(name):
+def test_each_option_composes_to_its_schema(name):
     cfg = compose(f"regime={name}")
     assert OmegaConf.get_type(cfg.regime) is facts(name).settings
     assert OmegaConf.to_container(cfg.regime) == OmegaConf.to_container(settings_of(name))
-    own = {k: v for k, v in (yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()) or {}).items() if k != "defaults"}
-    defaults = {f.name: f.default for f in dataclasses.fields(facts(name).settings)}
-    assert not [k for k, v in own.items() if defaults.get(k) == v and k != "name"], f"{name}.yaml restates defaults"
 
 
 def test_a_key_of_another_regime_is_refused_naming_the_valid_keys(capsys):

@@ -105,8 +105,9 @@ def test_finetune_preempted_and_resumed_gives_the_uninterrupted_losses(regime, p
 
     train = write_jsonl(tmp_path / "train.jsonl", make_labelled(96, seed=1))
     dev = write_jsonl(tmp_path / "dev.jsonl", make_labelled(30, seed=2))
-    args = [f"model.name_or_path={pretrained['gpt']}", f"regime={regime}", "regime.unfreeze_every=3",
-            "regime.lora_dropout=0.1", "hardware=cpu", "hardware.precision=fp32", "hardware.num_threads=1",
+    # dropout draws (LoRA) and an unfreezing schedule must both resume exactly
+    own = {"lora": "regime.lora_dropout=0.1", "gradual_unfreeze": "regime.unfreeze_every=3"}[regime]
+    args = [f"model.name_or_path={pretrained['gpt']}", f"regime={regime}", own, "hardware=cpu", "hardware.precision=fp32", "hardware.num_threads=1",
             "train.batch_size=8", "train.seq_len=64", "train.max_steps=16", "train.log_every=1", "train.eval_every=8",
             "train.save_every=2", f"data.path={train}", f"data.validation_path={dev}"]
     reference = tmp_path / "reference"

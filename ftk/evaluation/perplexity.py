@@ -65,9 +65,10 @@ def causal_perplexity(model: Any, ids: np.ndarray, context: int, stride: int, ba
 def masked_lm(model: Any, blocks: np.ndarray, tokenizer: Any, batch_size: int, seed: int, device: Any,
               pseudo: bool = False) -> Dict[str, float]:
     from ftk.objectives.mlm import MaskedLM
+    from ftk.objectives.table import MlmSettings
 
     model.eval()
-    masking = MaskedLM(tokenizer, 0.15, 0.8, 0.1)
+    masking = MaskedLM(MlmSettings(), tokenizer)
     total, correct, count = 0.0, 0, 0
     for start in range(0, len(blocks), batch_size):
         rows = []

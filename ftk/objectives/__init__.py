@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftk.schemas import Objective
-
 # Rows of logits ftk.objectives.cross_entropy handles at a time (here so the memory planner reads it without
 # importing torch): 256 x 8,192 float32 logits = 8 MiB, a working set near the caches.
 LOSS_CHUNK_ROWS = 256
@@ -24,23 +22,8 @@ def token_logits(model: Any, inputs: Any):
     return logits[:, -ids.shape[1]:] if logits.shape[1] != ids.shape[1] else logits
 
 
-def get_objective(cfg: Any, tokenizer: Any):
-    """The objective named by the `objective` config group."""
-    name = Objective(cfg.name)
-    if name is Objective.clm:
-        from ftk.objectives.clm import CausalLM
+def get_objective(settings: Any, tokenizer: Any):
+    """The objective the `objective` config group names (its row in ftk/objectives/table.py)."""
+    from ftk.objectives.table import build
 
-        return CausalLM()
-    if name is Objective.mlm:
-        from ftk.objectives.mlm import MaskedLM
-
-        return MaskedLM(tokenizer, cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob)
-    if name is Objective.classification:
-        from ftk.objectives.classification import Classification
-
-        return Classification()
-    if name is Objective.sft:
-        from ftk.objectives.sft import SupervisedFineTuning
-
-        return SupervisedFineTuning()
-    raise ValueError(f"unknown objective {name}")
+    return build(settings, tokenizer)

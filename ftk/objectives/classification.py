@@ -11,10 +11,11 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ftk.objectives.base import Objective
 
-class Classification:
+
+class Classification(Objective):
     name = "classification"
-    language_model = False  # validation reports accuracy, not perplexity
 
     def inputs(self, batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None):
         return batch

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from ftk.objectives import token_logits
+from ftk.objectives.base import Objective
 from ftk.objectives.cross_entropy import summed_cross_entropy
 
 
-class CausalLM:
+class CausalLM(Objective):
     name = "clm"
 
     def inputs(self, block: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:

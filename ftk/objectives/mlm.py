@@ -11,13 +11,15 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ftk.objectives import token_logits
+from ftk.objectives.base import Objective
 from ftk.objectives.cross_entropy import summed_cross_entropy
 
 
-class MaskedLM:
+class MaskedLM(Objective):
     name = "mlm"
 
-    def __init__(self, tokenizer: Any, probability: float, mask_share: float, random_share: float):
+    def __init__(self, settings: Any, tokenizer: Any):
+        super().__init__(settings, tokenizer)
         if tokenizer.mask_token_id is None:
             from ftk.errors import UsageError
 
@@ -26,7 +28,8 @@ class MaskedLM:
         self.mask_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-        self.probability, self.mask_share, self.random_share = probability, mask_share, random_share
+        self.probability = settings.mlm_probability
+        self.mask_share, self.random_share = settings.mask_replace_prob, settings.random_replace_prob
 
     def inputs(self, block: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         labels = block.clone()

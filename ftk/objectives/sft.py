@@ -11,10 +11,11 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ftk.objectives import token_logits
+from ftk.objectives.base import Objective
 from ftk.objectives.cross_entropy import summed_cross_entropy
 
 
-class SupervisedFineTuning:
+class SupervisedFineTuning(Objective):
     name = "sft"
 
     def inputs(self, batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None

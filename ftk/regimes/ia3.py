@@ -3,7 +3,7 @@
 folds into the weight it follows or precedes)."""
 
 from ftk.regimes import Context, Prepared
-from ftk.regimes.lora import TASK_TYPES, get_peft_model
+from ftk.regimes.lora import get_peft_model, task_type
 from ftk.regimes.structure import head_modules
 
 
@@ -16,7 +16,7 @@ def apply(model, ctx: Context) -> Prepared:
     # feed-forward list, every target rescales its output
     feedforward = list(s.feedforward_modules) if s.feedforward_modules else ([] if targets else None)
     config = IA3Config(target_modules=targets, feedforward_modules=feedforward,
-                       task_type=TASK_TYPES.get(ctx.objective), modules_to_save=head_modules(ctx.new_head) or None)
+                       task_type=task_type(ctx.objective), modules_to_save=head_modules(ctx.new_head) or None)
     wrapped = get_peft_model(model, config, "IA3")
     chosen = wrapped.peft_config["default"]
     return Prepared(wrapped, note=f"IA3 vectors on {', '.join(sorted(chosen.target_modules))} "

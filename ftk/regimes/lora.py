@@ -8,9 +8,13 @@ other freshly initialised module, e.g. BERT's pooler) trains in full and is save
 from ftk.errors import UsageError
 from ftk.regimes import Context, Prepared
 from ftk.regimes.structure import head_modules
-from ftk.schemas import Objective
 
-TASK_TYPES = {Objective.classification: "SEQ_CLS", Objective.clm: "CAUSAL_LM", Objective.sft: "CAUSAL_LM"}
+
+def task_type(objective) -> str:
+    """peft's task_type for adapters trained with `objective` (its row in ftk/objectives/table.py)."""
+    from ftk.objectives.table import facts
+
+    return facts(objective).peft_task_type
 
 
 def wrap(model, ctx: Context, method: str = "LoRA", **options) -> Prepared:
@@ -20,7 +24,7 @@ def wrap(model, ctx: Context, method: str = "LoRA", **options) -> Prepared:
     s = ctx.settings
     config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                         target_modules=list(s.target_modules) if s.target_modules else None,
-                        task_type=TASK_TYPES.get(ctx.objective),
+                        task_type=task_type(ctx.objective),
                         modules_to_save=head_modules(ctx.new_head) or None, **options)
     wrapped = get_peft_model(model, config, method)
     targets = sorted(wrapped.peft_config["default"].target_modules)

@@ -2,7 +2,7 @@
 (a new classification head, when there is one, trains and is saved with the prompt)."""
 
 from ftk.regimes import Context, Prepared
-from ftk.regimes.lora import TASK_TYPES
+from ftk.regimes.lora import task_type
 from ftk.regimes.structure import head_modules
 
 
@@ -10,7 +10,7 @@ def apply(model, ctx: Context) -> Prepared:
     from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
     s = ctx.settings
-    config = PromptTuningConfig(task_type=TASK_TYPES[ctx.objective], num_virtual_tokens=s.num_virtual_tokens,
+    config = PromptTuningConfig(task_type=task_type(ctx.objective), num_virtual_tokens=s.num_virtual_tokens,
                                 # initialised from embeddings of random vocabulary tokens: the scale the model expects
                                 prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
                                 modules_to_save=head_modules(ctx.new_head) or None)

@@ -1,0 +1,46 @@
+"""The contract between an objective and the training loop (ftk/train.py), in one place.
+
+An objective turns a batch from its data source into model inputs (drawing any randomness, e.g. MLM
+masking, from the generator the loop seeds per step, micro-batch and rank, so a resumed run draws the
+same), says how many targets a batch carries before the forward pass (to weight micro-batches and
+ranks exactly), and returns its loss as (sum, count). Validation accumulates `eval_sums`. Whether
+validation reports perplexity comes from the objective's row (ftk/objectives/table.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+
+class Objective:
+    name: str = ""  # its row in ftk/objectives/table.py
+
+    def __init__(self, settings: Any = None, tokenizer: Any = None):
+        self.settings = settings
+
+    @property
+    def language_model(self) -> bool:
+        from ftk.objectives.table import facts
+
+        return facts(self.name).language_model
+
+    def inputs(self, batch: Any, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Model inputs (and targets) from one batch of the data source."""
+        raise NotImplementedError
+
+    def targets(self, inputs: Dict[str, torch.Tensor]) -> int:
+        """How many targets carry a loss in `inputs`, known before the forward pass."""
+        raise NotImplementedError
+
+    def loss(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, number of targets), so the loop weights every target equally."""
+        raise NotImplementedError
+
+    def eval_sums(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """What validation sums over batches and ranks: loss_sum, count and correct (0 without a task
+        head), all on the device of the loss."""
+        loss_sum, count = self.loss(model, inputs)
+        return {"loss_sum": loss_sum, "count": count.to(loss_sum.device, torch.float64),
+                "correct": torch.zeros((), dtype=torch.float64, device=loss_sum.device)}

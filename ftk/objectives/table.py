@@ -1,0 +1,127 @@
+"""What each training objective is: its settings schema and every fact other code asks about it.
+
+One row per objective, in the style of ftk/regimes/table.py: the class that implements the contract of
+ftk/objectives/base.py, what data it reads, which head it needs, which models it fits, whether
+validation reports perplexity, and whether `ftk pretrain` accepts it. Adding an objective is its YAML
+(configs/objective/<name>.yaml), its module and its row here.
+
+Torch-free: Hydra registers the settings schemas from here while composing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+
+@dataclass
+class ObjectiveSettings:
+    name: str = "clm"
+
+
+@dataclass
+class ClmSettings(ObjectiveSettings):
+    name: str = "clm"
+
+
+@dataclass
+class MlmSettings(ObjectiveSettings):
+    name: str = "mlm"
+    mlm_probability: float = 0.15     # share of tokens selected for prediction (BERT: 0.15)
+    mask_replace_prob: float = 0.8    # of the selected: share replaced by [MASK]
+    random_replace_prob: float = 0.1  # of the selected: share replaced by a random token; the rest stay
+
+
+@dataclass
+class ClassificationSettings(ObjectiveSettings):
+    name: str = "classification"
+
+
+@dataclass
+class SftSettings(ObjectiveSettings):
+    name: str = "sft"
+
+
+# Ranges of the objective fields, checked by `check_settings` (field -> (ok, what it must be)).
+RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "mlm_probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "mask_replace_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "random_replace_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+
+
+def check_settings(settings: Any) -> Optional[str]:
+    """The first objective field out of its range, as one line; None when all are in range."""
+    for key, (ok, must) in RANGES.items():
+        if key in settings and not ok(settings[key]):
+            return f"objective.{key} must be {must}, got {settings[key]}"
+    if "mask_replace_prob" in settings and settings.mask_replace_prob + settings.random_replace_prob > 1:
+        return "objective.mask_replace_prob + objective.random_replace_prob must be at most 1"
+    return None
+
+
+@dataclass(frozen=True)
+class ObjectiveFacts:
+    name: str
+    settings: type            # the schema of its config group option
+    implementation: str       # "module:Class" implementing ftk.objectives.base.Objective, built as Class(settings,
+                              # tokenizer)
+    title: str
+    data: str                 # what it reads: "text" (packed blocks) | "labelled" (text + label) | "instructions"
+    head: str                 # the transformers head: "causal_lm" | "masked_lm" | "sequence_classification"
+    models: str               # which models it fits: "decoder" | "encoder" | "any"
+    language_model: bool      # validation reports loss per token and perplexity (else loss and accuracy)
+    pretraining: bool         # `ftk pretrain` accepts it (else it is a fine-tuning objective)
+    peft_task_type: Optional[str] = None  # peft's task_type for adapters trained with it
+
+
+ROWS: Tuple[ObjectiveFacts, ...] = (
+    ObjectiveFacts("clm", ClmSettings, "ftk.objectives.clm:CausalLM", "next-token prediction (GPT, Llama)",
+                   data="text", head="causal_lm", models="decoder", language_model=True, pretraining=True,
+                   peft_task_type="CAUSAL_LM"),
+    ObjectiveFacts("mlm", MlmSettings, "ftk.objectives.mlm:MaskedLM", "masked-token prediction (BERT, RoBERTa)",
+                   data="text", head="masked_lm", models="encoder", language_model=True, pretraining=True),
+    ObjectiveFacts("classification", ClassificationSettings, "ftk.objectives.classification:Classification",
+                   "a new task head on the pretrained body", data="labelled", head="sequence_classification",
+                   models="any", language_model=False, pretraining=False, peft_task_type="SEQ_CLS"),
+    ObjectiveFacts("sft", SftSettings, "ftk.objectives.sft:SupervisedFineTuning",
+                   "instruction tuning, loss on response tokens only", data="instructions", head="causal_lm",
+                   models="decoder", language_model=True, pretraining=False, peft_task_type="CAUSAL_LM"),
+)
+
+TABLE: Dict[str, ObjectiveFacts] = {row.name: row for row in ROWS}
+NAMES: Tuple[str, ...] = tuple(TABLE)
+
+
+def facts(name: Any) -> ObjectiveFacts:
+    """The row of objective `name` (a str or anything with a `.value`, e.g. an Enum member)."""
+    key = getattr(name, "value", name)
+    try:
+        return TABLE[key]
+    except KeyError:
+        raise KeyError(f"unknown objective {key!r}; objectives: {', '.join(NAMES)}") from None
+
+
+def settings_of(name: str) -> Any:
+    """The default settings of objective `name`, as a structured config."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(facts(name).settings)
+
+
+def fits(name: Any, encoder: bool) -> bool:
+    """Whether objective `name` can train a model that is an encoder (or a decoder)."""
+    models = facts(name).models
+    return models == "any" or models == ("encoder" if encoder else "decoder")
+
+
+def language_objective(encoder: bool) -> str:
+    """The pretraining objective of a model: what its language-model head was trained with."""
+    return next(row.name for row in ROWS if row.pretraining and fits(row.name, encoder))
+
+
+def build(settings: Any, tokenizer: Any) -> Any:
+    """The objective its settings name, ready for the training loop (imports torch)."""
+    module, cls = facts(settings.name).implementation.split(":")
+    return getattr(importlib.import_module(module), cls)(settings, tokenizer)
