@@ -101,12 +101,11 @@ def _inputs(objective: Any, batch: Any, seed: int, device: torch.device) -> Dict
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, flushed as written; trimmed on resume."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int]):
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
         self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.exists():
+        if enabled and path.exists():
             # Lines past the checkpoint belong to steps that will be run again: drop them.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)
@@ -120,6 +119,14 @@ class MetricsLog:
     def close(self) -> None:
         if self._handle:
             self._handle.close()
+
+
+def _step_of(line: str) -> float:
+    """The step a metrics line records; a line cut short by a kill counts as past any checkpoint (dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
 
 
 @torch.no_grad()
@@ -200,7 +207,9 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
     # gradient accumulation, and so are the losses; each micro-batch is a slice of one sorted group.
     stream = source.stream(t.seed, global_batch) if hasattr(source, "stream") else \
         BlockStream(source.n_train, t.seed)
-    log = MetricsLog(run_dir / "metrics.jsonl", main, state.step if resume_from is not None else None)
+    # Trimmed to the step training restarts from, also 0: a run killed before its first checkpoint starts over,
+    # and its lines would otherwise appear twice.
+    log = MetricsLog(run_dir / "metrics.jsonl", main, state.step)
     progress = TrainingProgress(t.max_steps, state.step, enabled=main)
     result = LoopResult(state=state)
     unwrapped = accelerator.unwrap_model(model)
@@ -326,6 +335,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                     progress.message(f"step {state.step}: validation " + ", ".join(
                         f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
                     result.final_eval = metrics
+                    state.extra["last_eval"] = {"step": state.step, **metrics}  # survives a kill after the last step
                     window_start = time.perf_counter()  # tokens/s measures training, not validation
                     if patience:
                         stop_early = _early_stopping(state, metrics, patience, unwrapped, best_dir, main)
@@ -356,6 +366,15 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
         accelerator.wait_for_everyone()
         checkpoint.load_model_weights(unwrapped, best_dir)  # final/ is the best model, not the last
         result.final_eval = dict(state.extra["best_eval"])
+    if not result.final_eval:
+        # Resumed from the final checkpoint (killed while final/ was written): no step ran, so no validation did;
+        # the figures of that step are in the checkpoint, or are measured again.
+        last = state.extra.get("last_eval") or {}
+        if last.get("step") == state.step:
+            result.final_eval = {k: v for k, v in last.items() if k != "step"}
+        elif state.step > 0:
+            result.final_eval = evaluate(model, objective, source, plan.micro_batch_size, t.eval_batches, t.seed,
+                                         accelerator)
     save()  # the final state as a checkpoint too: `train.resume=auto train.max_steps=<more>` continues it
     return result
 
