@@ -16,13 +16,17 @@ from ftk import schemas
 from ftk.errors import UsageError, reported
 
 SCHEMA = schemas.FinetuneConfig
+CLAIMS_RUN_DIR = True  # one run at a time per run dir; .hydra/ written only once checks pass
 schemas.register()
 
 
 @hydra.main(version_base=None, config_path="pkg://ftk.configs", config_name="finetune")
 @reported
 def main(cfg: DictConfig) -> None:
-    finetune(cfg)
+    from ftk import run_claim, runs
+
+    with run_claim.held(runs.output_dir()):
+        finetune(cfg)
 
 
 def finetune(cfg: DictConfig) -> dict:
@@ -37,12 +41,13 @@ def finetune(cfg: DictConfig) -> dict:
         raise UsageError(f"forgetting.l2sp has no effect under regime={regime.value}: its pretrained weights are "
                          "frozen already; drop forgetting.l2sp or pick a regime that trains them")
 
-    from ftk import finetune_setup as setup, forgetting, runs, session as sessions, train
+    from ftk import finetune_setup as setup, forgetting, run_claim, runs, session as sessions, train
     from ftk.models import count_parameters
     from ftk.peak_memory import PeakMemory
 
     run_dir = runs.output_dir()
     resume_from = runs.resume_point(run_dir, cfg.train.resume)
+    run_claim.adopt_config(run_dir)  # every check passed: this config is now the run's
     base, chosen = setup.choose_base(cfg.model.name_or_path)
     if cfg.train.lr is None:
         cfg.train.lr = cfg.regime.lr

@@ -14,25 +14,30 @@ from ftk import schemas
 from ftk.errors import reported
 
 SCHEMA = schemas.PretrainConfig
+CLAIMS_RUN_DIR = True  # one run at a time per run dir; .hydra/ written only once checks pass
 schemas.register()
 
 
 @hydra.main(version_base=None, config_path="pkg://ftk.configs", config_name="pretrain")
 @reported
 def main(cfg: DictConfig) -> None:
-    pretrain(cfg)
+    from ftk import run_claim, runs
+
+    with run_claim.held(runs.output_dir()):
+        pretrain(cfg)
 
 
 def pretrain(cfg: DictConfig) -> dict:
     started = time.time()
     schemas.validate(cfg)
 
-    from ftk import lm_setup, runs, session as sessions, train
+    from ftk import lm_setup, run_claim, runs, session as sessions, train
     from ftk.models import count_parameters
 
     lm_setup.check_pretrained(cfg)
     run_dir = runs.output_dir()
     resume_from = runs.resume_point(run_dir, cfg.train.resume)
+    run_claim.adopt_config(run_dir)  # every check passed: this config is now the run's
     session = sessions.start(cfg, run_dir)
     say = session.say
     from ftk import memory

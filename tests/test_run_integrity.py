@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import TINY_GPT, ftk
 
-FAST = [*TINY_GPT, "train.max_steps=6", "train.log_every=1", "train.eval_every=3", "hardware.num_threads=1"]
+QUICK = [*TINY_GPT, "train.log_every=1", "train.eval_every=3", "hardware.num_threads=1"]
+FAST = [*QUICK, "train.max_steps=6"]
 
 
 def steps(run: Path):
@@ -67,3 +68,56 @@ def test_a_kill_while_final_is_written_keeps_the_final_validation_figures(data, 
     assert (run / "final" / "model.safetensors").read_bytes() == weights
     assert not (run / ".final.tmp").exists()
     assert steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_refused_command_leaves_the_stopped_runs_config_as_it_was(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert ftk("pretrain", *FAST, data, "train.save_every=3", f"hydra.run.dir={run}") == 0
+    shutil.rmtree(run / "final")  # as a stopped run: checkpoints, no final/
+    (run / "summary.json").unlink()
+    before = snapshot(run)
+    capsys.readouterr()
+    # Reusing the unfinished run's directory without resume: refused, and its config stays the run's.
+    assert ftk("pretrain", *FAST, data, "train.lr=0.5", "train.max_steps=99", f"hydra.run.dir={run}") == 2
+    one_line(capsys, "pretrain", "holds checkpoints of an unfinished run; continue it with train.resume=auto")
+    assert snapshot(run) == before
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".hydra-")]
+
+
+def test_a_second_run_in_a_busy_run_directory_is_refused_and_touches_nothing(data, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [*QUICK, data, "train.save_every=2", f"hydra.run.dir={run}"]
+    first = subprocess.Popen([sys.executable, "-m", "ftk.cli.main", "pretrain", *args, "train.max_steps=400"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not ((run / "metrics.jsonl").is_file() and len(steps(run)) >= 3 and (run / "checkpoints").is_dir()):
+            assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # frozen mid-run: its directory must not change under the second
+        time.sleep(0.5)
+        before = snapshot(run)
+        for extra in ([], ["train.resume=auto"]):
+            assert ftk("pretrain", *args, "train.max_steps=400", *extra) == 2
+            line = one_line(capsys, "pretrain", f"{run} is in use by process {first.pid}")
+            assert "hydra.run.dir" in line
+            assert snapshot(run) == before
+        first.send_signal(signal.SIGCONT)
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 75, err[-2000:]
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+            first.kill()
+    stopped = steps(run)
+    assert stopped == list(range(1, len(stopped) + 1))  # each step once, none of the second command's
+    # The lock dies with its process: the run resumes at once.
+    assert ftk("pretrain", *args, f"train.max_steps={stopped[-1] + 2}", "train.resume=auto") == 0
+    assert steps(run) == list(range(1, stopped[-1] + 3))
