@@ -121,3 +121,43 @@ def test_a_second_run_in_a_busy_run_directory_is_refused_and_touches_nothing(dat
     # The lock dies with its process: the run resumes at once.
     assert ftk("pretrain", *args, f"train.max_steps={stopped[-1] + 2}", "train.resume=auto") == 0
     assert steps(run) == list(range(1, stopped[-1] + 3))
+
+
+def losses(run: Path):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+@pytest.mark.parametrize("damage", ["optimizer_missing", "optimizer_truncated", "state_malformed",
+                                    "weights_flipped"])
+def test_resume_auto_skips_a_damaged_newest_checkpoint_and_refuses_it_by_name(damage, data, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [*FAST, data, "train.save_every=2", f"hydra.run.dir={run}"]
+    assert ftk("pretrain", *args) == 0
+    expected = losses(run)
+    shutil.rmtree(run / "final")  # a stopped run: checkpoints step-4 and step-6
+    (run / "summary.json").unlink()
+    newest = run / "checkpoints" / "step-0000006"
+    if damage == "optimizer_missing":
+        (newest / "optimizer.pt").unlink()
+    elif damage == "optimizer_truncated":
+        data_ = (newest / "optimizer.pt").read_bytes()
+        (newest / "optimizer.pt").write_bytes(data_[: len(data_) // 2])
+    elif damage == "state_malformed":
+        (newest / "trainer_state.json").write_text('{"step": 6, ')
+    else:  # same size, one byte changed
+        weights = bytearray((newest / "model" / "model.safetensors").read_bytes())
+        weights[-3] ^= 0xFF
+        (newest / "model" / "model.safetensors").write_bytes(bytes(weights))
+    capsys.readouterr()
+
+    assert ftk("pretrain", *args, f"train.resume={newest}") == 2
+    one_line(capsys, "pretrain", f"train.resume={newest} is a damaged checkpoint (")
+
+    assert ftk("pretrain", *args, "train.resume=auto") == 0
+    err = capsys.readouterr().err
+    skipped = [line for line in err.splitlines() if "damaged" in line]
+    assert len(skipped) == 1 and f"checkpoint {newest} is damaged (" in skipped[0], err
+    assert "resuming from " + str(run / "checkpoints" / "step-0000004") in err and "Traceback" not in err
+    assert losses(run) == expected  # steps 5 and 6 again, as they were
+    assert steps(run) == [1, 2, 3, 4, 5, 6]
