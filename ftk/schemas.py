@@ -161,6 +161,8 @@ class TrainConfig:
     keep_last: int = 2             # checkpoints kept; older ones are removed after a new one is complete
     seed: int = 0                  # seeds init, data order and masking: the same seed gives the same losses
     resume: str = "never"          # never | auto (newest complete checkpoint in the run dir) | a checkpoint dir
+    accept_changes: bool = False   # resume with other model/data/objective/regime/optimizer/batch settings than the
+                                   # checkpoint's: applied from its step on, recorded in resumes.jsonl
     on_nonfinite: OnNonFinite = OnNonFinite.stop
     max_skipped_batches: int = 10  # with on_nonfinite=skip: stop after this many skipped batches
     early_stopping_patience: int = 0  # stop after this many validations without a better loss, keeping

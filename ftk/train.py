@@ -168,12 +168,16 @@ def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit:
 def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg: Any, plan: Plan,
         accelerator: Any, run_dir: Path, resume_from: Optional[Path] = None,
         callbacks: Iterable[Callback] = (), extra_loss: Optional[Callable[[Any, int], torch.Tensor]] = None,
-        lr_multiplier: Optional[Callable[[int], float]] = None, started_at: Optional[float] = None) -> LoopResult:
+        lr_multiplier: Optional[Callable[[int], float]] = None, started_at: Optional[float] = None,
+        settings: Optional[Dict[str, Any]] = None, apply_changes: bool = False) -> LoopResult:
     """Train `model` for train_cfg.max_steps optimizer steps; returns the final state and metrics.
 
     Regimes plug in through `callbacks` (called before each step, e.g. to unfreeze layers),
     `lr_multiplier` (a factor on the schedule by step) and `extra_loss(model, step)` (a penalty or
     replay loss added to the task loss once per step).
+    `settings` (ftk.resume_check) are stored in every checkpoint; `apply_changes`: the user accepted settings
+    that differ from the checkpoint's, so the optimizer's hyperparameters and the schedule's peak lr are this
+    command's, not the checkpoint's.
     """
     t = train_cfg
     main = accelerator.is_main_process
@@ -184,12 +188,16 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
         checkpoint.load_model_weights(model, resume_from / "model")
+    if settings is not None:
+        state.extra["settings"] = settings
 
     use_fused_kernels(model)  # the same functions in fused kernels (GPT-2's gelu_new): see ftk.hardware
     if plan.matmul_attention:
         use_matmul_attention(model)  # CPU bf16: SDPA's flash kernel is slower than matmuls; see ftk.cpu_attention
     optimizer = build_optimizer(model, t, plan.optimizer, plan.device)
     scheduler = build_scheduler(optimizer, t, lr_multiplier)
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    fresh_base_lrs = list(scheduler.base_lrs)
     # Under FSDP, prepare() shards the model (weights loaded above, on every rank, are cut into shards) and
     # points the optimizer at the shards; its state is then restored shard by shard.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -199,6 +207,8 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
         scheduler.load_state_dict(sched["scheduler"])
         if sched.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(sched["scaler"])
+        if apply_changes:
+            _apply_hyperparameters(optimizer, scheduler, fresh_groups, fresh_base_lrs)
 
     per_process = plan.micro_batch_size * plan.grad_accum
     global_batch = per_process * world
@@ -377,6 +387,18 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                                          accelerator)
     save()  # the final state as a checkpoint too: `train.resume=auto train.max_steps=<more>` continues it
     return result
+
+
+def _apply_hyperparameters(optimizer: Any, scheduler: Any, groups: List[Dict[str, Any]],
+                           base_lrs: List[float]) -> None:
+    """Loading a checkpoint's optimizer and scheduler brings back its lr, betas, eps and weight decay; put this
+    command's back (the moments and the step count stay the checkpoint's) and set the lr of the coming step."""
+    for group, fresh in zip(optimizer.param_groups, groups):
+        group.update({k: v for k, v in fresh.items() if k != "lr"})
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _early_stopping(state: TrainState, metrics: Dict[str, float], patience: int, model: Any, best_dir: Path,

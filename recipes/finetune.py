@@ -41,12 +41,14 @@ def finetune(cfg: DictConfig) -> dict:
         raise UsageError(f"forgetting.l2sp has no effect under regime={regime.value}: its pretrained weights are "
                          "frozen already; drop forgetting.l2sp or pick a regime that trains them")
 
-    from ftk import finetune_setup as setup, forgetting, run_claim, runs, session as sessions, train
+    from ftk import finetune_setup as setup, forgetting, resume_check, run_claim, runs, session as sessions, train
     from ftk.models import count_parameters
     from ftk.peak_memory import PeakMemory
 
     run_dir = runs.output_dir()
     resume_from = runs.resume_point(run_dir, cfg.train.resume)
+    settings = resume_check.settings(cfg)
+    changed = resume_check.check(resume_from, settings, cfg.train.accept_changes, run_dir) if resume_from else {}
     run_claim.adopt_config(run_dir)  # every check passed: this config is now the run's
     base, chosen = setup.choose_base(cfg.model.name_or_path)
     if cfg.train.lr is None:
@@ -82,7 +84,8 @@ def finetune(cfg: DictConfig) -> dict:
     say(f"regime {regime.value}: {prepared.note}; trainable {trainable:,} of {total:,} parameters "
         f"({trainable / max(total, 1):.2%}); lr {cfg.train.lr:g}")
     if resume_from is not None:
-        say(f"resuming from {resume_from}")
+        say(f"resuming from {resume_from}" + (" with train.accept_changes=true: "
+                                                  + resume_check.describe(changed) if changed else ""))
 
     general = None
     lm_objective = setup.lm_objective(base_config)
@@ -106,7 +109,8 @@ def finetune(cfg: DictConfig) -> dict:
                            source=data.source, train_cfg=cfg.train, plan=session.plan,
                            accelerator=session.accelerator, run_dir=run_dir, resume_from=resume_from,
                            callbacks=prepared.callbacks, extra_loss=forgetting.combine(replay, l2sp),
-                           lr_multiplier=prepared.lr_multiplier, started_at=started)
+                           lr_multiplier=prepared.lr_multiplier, started_at=started, settings=settings,
+                           apply_changes=bool(changed))
 
     unwrapped = session.accelerator.unwrap_model(model)
     trainable_end, _ = count_parameters(unwrapped)  # gradual_unfreeze / head_then_full end with more than they start

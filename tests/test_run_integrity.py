@@ -161,3 +161,48 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_and_refuses_it_by_name(da
     assert "resuming from " + str(run / "checkpoints" / "step-0000004") in err and "Traceback" not in err
     assert losses(run) == expected  # steps 5 and 6 again, as they were
     assert steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def records(run: Path):
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def test_a_resume_that_changes_the_training_is_refused_unless_accepted_and_then_applied(corpus_dir, tmp_path,
+                                                                                       capsys):
+    data = tmp_path / "data"
+    shutil.copytree(corpus_dir, data)
+    run = tmp_path / "run"
+    args = [*FAST, f"data.path={data}", "train.save_every=3", f"hydra.run.dir={run}"]
+    assert ftk("pretrain", *args) == 0
+    first = records(run)
+    shutil.rmtree(run / "final")  # stopped after step 6 with checkpoints at 3 and 6: resume from 3 below
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "step-0000006")
+    before = snapshot(run)
+    capsys.readouterr()
+
+    assert ftk("pretrain", *args, "train.resume=auto", "train.lr=0.001", "train.batch_size=4") == 2
+    line = one_line(capsys, "pretrain", "train.batch_size 8 -> 4; train.lr 0.003 -> 0.001")
+    assert "train.accept_changes=true" in line and str(run / "checkpoints" / "step-0000003") in line
+    assert snapshot(run) == before  # .hydra/config.yaml still says lr 0.003
+
+    (data / "doc000.txt").write_bytes(bytes(range(256)) * 4)  # the same path, other bytes
+    assert ftk("pretrain", *args, "train.resume=auto") == 2
+    one_line(capsys, "pretrain", f"data.path (contents) changed")
+    assert snapshot(run) == before
+    shutil.copy(corpus_dir / "doc000.txt", data / "doc000.txt")  # put back, but its mtime has changed
+    assert ftk("pretrain", *args, "train.resume=auto", "train.lr=0.001", "train.accept_changes=true") == 0
+    err = capsys.readouterr().err
+    assert "with train.accept_changes=true: data.path (contents) changed; train.lr 0.003 -> 0.001" in err
+    after = records(run)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6] and all(after[s] == first[s] for s in (1, 2, 3))
+    for s in (4, 5, 6):  # the new peak lr, on the same schedule
+        assert after[s]["lr"] == pytest.approx(first[s]["lr"] / 3, rel=1e-9)
+    (log,) = [json.loads(x) for x in (run / "resumes.jsonl").read_text().splitlines()]
+    assert log["step"] == 3 and log["changes"]["train.lr"] == [0.003, 0.001]
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").train.lr == 0.001
+    # The changed settings are now the run's: extending it needs no new acceptance.
+    assert ftk("pretrain", *args, "train.resume=auto", "train.lr=0.001", "train.max_steps=8") == 0
+    assert sorted(records(run)) == list(range(1, 9))
