@@ -98,7 +98,7 @@ def run_recipe(recipe: ModuleType, name: str, overrides: List[str]) -> int:
 
         # Hydra writes the composed config before the recipe can check anything: into a pending folder, which
         # the recipe makes the run's .hydra/ only once its checks pass (ftk/run_claim.py).
-        overrides = overrides + [f"hydra.output_subdir={pending_name()}"]
+        overrides = [f"hydra.output_subdir={pending_name()}"] + overrides  # first: flags like --cfg end the list
     refusal = refuse_finished_run(overrides)
     if refusal:
         print(f"ftk {name}: error: {refusal}", file=sys.stderr)
