@@ -165,7 +165,11 @@ def finetune(cfg: DictConfig) -> dict:
         rows.append(("test accuracy", f"{test_result['test_accuracy']:.2%}"))
     if forgetting_result:
         rows.append(("general-text perplexity", f"{base_ppl:.2f} -> {forgetting_result['finetuned_ppl']:.2f}"))
-    sessions.finish(session, run_dir, model, tokenizer, summary, "finetune", extra_json={"ftk_finetune.json": record},
+    from ftk.data.tokenizer import as_trained
+
+    # final/ is used as trained by plain transformers too: its tokenizer adds the eos, pads on the trained side.
+    sessions.finish(session, run_dir, model, as_trained(tokenizer, data.append_eos, padding_side), summary,
+                    "finetune", extra_json={"ftk_finetune.json": record},
                     extra_rows=rows)
     return summary
 
