@@ -577,6 +577,9 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
     refuse_other_shape(adapter, base, base_config, trust)
     tokenizer = setup.load_tokenizer(str(adapter.path) if _has_tokenizer(adapter.path) else base, trust)
     refuse_other_vocabulary(adapter, base, tokenizer, trust)
+    from ftk import base_fingerprint
+
+    same_base = base_fingerprint.check(adapter.path, adapter.record, base, bool(cfg.allow_other_base), say)
 
     objective = objective_of(adapter, base_config)
     labels = labels_of(adapter) if objective is Objective.classification else []
@@ -641,7 +644,7 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
         "probe": {"batches": len(probe.batches), "batch_size": PROBE_BATCH_SIZE, "length": probe.length,
                   "seed": int(cfg.seed)},
         "quantization_error": q_error, "quantization": q_how or None,
-        "output_dir": str(out), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "base_fingerprint_matches": same_base, "output_dir": str(out), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__},
     }

@@ -68,7 +68,7 @@ def changes(saved: Dict[str, Any], now: Dict[str, Any]) -> Dict[str, Tuple[Any, 
 
 
 def _show(key: str, old: Any, new: Any) -> str:
-    if key.endswith("(contents)") or key.endswith("fingerprint"):
+    if key.endswith(("(contents)", "(fingerprint)")):
         return f"{key} changed"
     return f"{key} {old} -> {new}"
 

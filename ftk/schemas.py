@@ -350,7 +350,8 @@ class MergeConfig:
     dtype: str = "fp32"                 # weights of the merged model: fp32 | bf16 | fp16
     tolerance: Optional[float] = None   # max |logit difference| merged vs base+adapter; null = 1e-4 (fp32),
                                         # 1e-2 (bf16/fp16)
-    overwrite: bool = False             # replace a non-empty output_dir
+    overwrite: bool = False             # replace an earlier merge in output_dir (files it did not write stay)
+    allow_other_base: bool = False      # merge into a base whose weights are not those the adapter was trained on
     probe_batches: int = 2              # batches of seeded random token ids the merged model is checked on
     probe_len: int = 32                 # tokens per probe sequence (capped by the model's positions)
     seed: int = 0                       # seeds the probe inputs

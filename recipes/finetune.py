@@ -47,10 +47,14 @@ def finetune(cfg: DictConfig) -> dict:
 
     run_dir = runs.output_dir()
     resume_from = runs.resume_point(run_dir, cfg.train.resume)
-    settings = resume_check.settings(cfg)
+    base, chosen = setup.choose_base(cfg.model.name_or_path)
+    from ftk.base_fingerprint import fingerprint
+
+    # The base's weights, not its path, identify it: merge-adapter and evaluate check an adapter's base by this.
+    base_fingerprint = None if cfg.model.random_init else fingerprint(base)
+    settings = resume_check.settings(cfg, **{"model.weights (fingerprint)": base_fingerprint})
     changed = resume_check.check(resume_from, settings, cfg.train.accept_changes, run_dir) if resume_from else {}
     run_claim.adopt_config(run_dir)  # every check passed: this config is now the run's
-    base, chosen = setup.choose_base(cfg.model.name_or_path)
     if cfg.train.lr is None:
         cfg.train.lr = cfg.regime.lr
     session = sessions.start(cfg, run_dir)
@@ -158,7 +162,7 @@ def finetune(cfg: DictConfig) -> dict:
               "labels": data.labels,
               "adapter": prepared.adapter, "quantized_base": regime is Regime.qlora,
               "append_eos": data.append_eos, "seq_len": cfg.train.seq_len,
-              "padding_side": padding_side}
+              "padding_side": padding_side, "base_fingerprint": base_fingerprint}
     rows = [("regime", regime.value + (" (from random initialisation)" if cfg.model.random_init else "")),
             ("peak memory (added)", f"{memory.added / 2**20:,.0f} MiB")]
     if test_result:

@@ -317,3 +317,36 @@ def test_a_merged_classifier_is_used_as_trained_by_ftk_evaluate_and_by_plain_tra
                    f"hydra.run.dir={run}") == 0
         scores.append(json.loads((run / "metrics.json").read_text())["classification"])
     assert scores[0]["confusion"] == scores[1]["confusion"] and scores[0]["accuracy"] == scores[1]["accuracy"]
+
+
+def test_a_base_with_other_weights_of_the_same_shape_is_refused_unless_allowed(adapters, pretrained, tmp_path,
+                                                                                capsys):
+    from safetensors.torch import save_file
+
+    final = adapters["cls"] / "final"
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(pretrained["gpt"], same)  # the same weights elsewhere: the same base
+    shutil.copytree(pretrained["gpt"], other)  # another "pretrain" of the same shape and vocabulary
+    weights = load_file(str(other / "model.safetensors"))
+    weights["transformer.h.1.mlp.c_fc.weight"] += 0.01
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+
+    assert merge(f"adapter_path={final}", f"model.name_or_path={other}", f"output_dir={tmp_path / 'm1'}") == 2
+    line = one_line(capsys, f"model.name_or_path={other} is not the base the adapter {final} was trained on")
+    assert str(pretrained["gpt"]) in line and "allow_other_base=true" in line
+    assert not (tmp_path / "m1").exists()
+    assert merge(f"adapter_path={final}", f"model.name_or_path={other}", f"output_dir={tmp_path / 'm1'}",
+                 "allow_other_base=true") == 0
+    assert json.loads((tmp_path / "m1" / "merge.json").read_text())["base_fingerprint_matches"] is False
+    assert merge(f"adapter_path={final}", f"model.name_or_path={same}", f"output_dir={tmp_path / 'm2'}") == 0
+    assert json.loads((tmp_path / "m2" / "merge.json").read_text())["base_fingerprint_matches"] is True
+
+    dev = write_jsonl(tmp_path / "dev.jsonl", make_labelled(12, seed=5))
+    capsys.readouterr()
+    args = ["hardware=cpu", f"adapter_path={final}", f"model.name_or_path={other}", f"data.path={dev}"]
+    assert ftk("evaluate", *args, f"hydra.run.dir={tmp_path / 'e1'}") == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("ftk evaluate:")]
+    assert len(lines) == 1 and "is not the base the adapter" in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "e1" / "metrics.json").exists()
+    assert ftk("evaluate", *args, "allow_other_base=true", f"hydra.run.dir={tmp_path / 'e2'}") == 0

@@ -4,6 +4,7 @@ the data (given, or the data the run that made the model used)."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -74,6 +75,10 @@ def resolve_target(cfg: Any) -> Target:
         target = resolve_path(str(adapter))
         if cfg.model.name_or_path:
             target.model_path = cfg.model.name_or_path
+        from ftk.base_fingerprint import check
+
+        check(adapter, target.record, target.model_path, bool(cfg.get("allow_other_base", False)),
+              lambda text: print(text, file=sys.stderr))
         return target
     if cfg.model.name_or_path:
         return resolve_path(cfg.model.name_or_path)
