@@ -122,6 +122,12 @@ def _load(cls: Any, target: Target, cfg: Any, **kwargs: Any) -> Any:
         raise UsageError(f"cannot load model '{target.model_path}': {first}") from None
 
 
+def same_tokenizer(tokenizer: Any, other: Target, cfg: Any) -> bool:
+    """Whether `other` reads text with the same ids as `tokenizer` (its own tokenizer, as saved with it)."""
+    theirs = _tokenizer(other.adapter_path or other.model_path, cfg)
+    return theirs.get_vocab() == tokenizer.get_vocab()
+
+
 def is_masked(model: Any) -> bool:
     from ftk.finetune_setup import is_encoder
 
