@@ -22,7 +22,8 @@ from ftk.errors import UsageError
 TRAIN_KEYS = ("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "beta1",
               "beta2", "eps", "max_grad_norm", "seed")
 GROUPS = ("model", "objective", "regime", "data", "forgetting")
-IGNORED = ("data.cache_dir",)  # where tokenized data is cached does not change it
+# How the same computation is run or read, not what it learns: may change between resumes.
+IGNORED = ("data.cache_dir", "data.test_path", "model.attn_implementation", "model.trust_remote_code")
 LOG = "resumes.jsonl"
 
 
@@ -54,7 +55,7 @@ def settings(cfg: Any, **extra: Any) -> Dict[str, Any]:
             _flat(group, OmegaConf.to_container(cfg[group], resolve=True, enum_to_str=True), out)
     for key in TRAIN_KEYS:
         out[f"train.{key}"] = OmegaConf.to_container(cfg.train, resolve=True, enum_to_str=True)[key]
-    for key in ("path", "validation_path", "test_path"):
+    for key in ("path", "validation_path"):
         if cfg.data.get(key) is not None:
             out[f"data.{key} (contents)"] = _data_fingerprint(cfg.data[key])
     for key in IGNORED:

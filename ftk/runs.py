@@ -1,6 +1,9 @@
 """The run directory: where a run resumes from, what it records, and the summary it ends with.
 
-    <run>/.hydra/            the composed config (written by Hydra)
+    <run>/.hydra/            the composed config (written by Hydra; made the run's only once a command's checks
+                             pass, see ftk/run_claim.py)
+    <run>/.lock              held (flock) by the one process running in the directory
+    <run>/resumes.jsonl      changes a resume applied with train.accept_changes=true (ftk/resume_check.py)
     <run>/environment.json   every version needed to reproduce the run
     <run>/metrics.jsonl      one line per logging step (and per validation)
     <run>/checkpoints/       atomic, resumable checkpoints (see ftk/checkpoint.py)
