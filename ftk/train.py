@@ -234,7 +234,8 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
             path = checkpoint.save(checkpoints_dir, state, unwrapped, tokenizer, optimizer, scheduler,
                                    accelerator.scaler, t.keep_last, gathered=gathered)
         accelerator.wait_for_everyone()
-        return path or checkpoint.latest(checkpoints_dir) or checkpoints_dir
+        # Other ranks name the newest folder without verifying it (hashing every file would stall them).
+        return path or (checkpoint.step_dirs(checkpoints_dir) or [checkpoints_dir])[-1]
 
     model.train()
     window_start, window_tokens, window_loss, window_count = time.perf_counter(), 0, 0.0, 0.0
