@@ -206,3 +206,30 @@ def test_a_resume_that_changes_the_training_is_refused_unless_accepted_and_then_
     # The changed settings are now the run's: extending it needs no new acceptance.
     assert ftk("pretrain", *args, "train.resume=auto", "train.lr=0.001", "train.max_steps=8") == 0
     assert sorted(records(run)) == list(range(1, 9))
+
+
+def test_a_finetune_resume_on_a_retrained_base_or_another_regime_setting_is_refused(pretrained, tmp_path, capsys):
+    from tests.conftest import make_labelled, write_jsonl
+
+    base = tmp_path / "base"
+    shutil.copytree(pretrained["gpt"], base)
+    train = write_jsonl(tmp_path / "train.jsonl", make_labelled(48, seed=1))
+    run = tmp_path / "run"
+    args = [f"model.name_or_path={base}", "regime=lora", "hardware=cpu", "hardware.precision=fp32",
+            "hardware.num_threads=1", "train.batch_size=8", "train.seq_len=64", "train.max_steps=4",
+            "train.save_every=2", f"data.path={train}", f"hydra.run.dir={run}"]
+    assert ftk("finetune", *args) == 0
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    before = snapshot(run)
+    capsys.readouterr()
+    assert ftk("finetune", *args, "train.resume=auto", "regime.lora_r=16") == 2
+    one_line(capsys, "finetune", "regime.lora_r 8 -> 16")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(base / "model.safetensors"))  # the base retrained in place: same path, same shape
+    weights["transformer.h.0.attn.c_attn.weight"] *= 1.01
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    assert ftk("finetune", *args, "train.resume=auto") == 2
+    one_line(capsys, "finetune", "model.weights (fingerprint) changed")
+    assert snapshot(run) == before
