@@ -93,6 +93,14 @@ def bracket_lists(overrides: List[str], list_keys) -> List[str]:
 
 def run_recipe(recipe: ModuleType, name: str, overrides: List[str]) -> int:
     overrides = bracket_lists(overrides, getattr(recipe, "LIST_KEYS", ()))
+    if getattr(recipe, "CLAIMS_RUN_DIR", False) and not any(o.startswith("hydra.output_subdir=") for o in overrides):
+        from ftk.run_claim import pending_name
+
+        # Hydra writes the composed config before the recipe can check anything: into a pending folder, which
+        # the recipe makes the run's .hydra/ only once its checks pass (ftk/run_claim.py).
+        # Next to the user's own overrides: argparse reads one run of them, before or after flags like -m, --cfg.
+        at = next((i for i, o in enumerate(overrides) if "=" in o and not o.startswith("-")), len(overrides))
+        overrides = overrides[:at] + [f"hydra.output_subdir={pending_name()}"] + overrides[at:]
     refusal = refuse_finished_run(overrides)
     if refusal:
         print(f"ftk {name}: error: {refusal}", file=sys.stderr)

@@ -161,6 +161,8 @@ class TrainConfig:
     keep_last: int = 2             # checkpoints kept; older ones are removed after a new one is complete
     seed: int = 0                  # seeds init, data order and masking: the same seed gives the same losses
     resume: str = "never"          # never | auto (newest complete checkpoint in the run dir) | a checkpoint dir
+    accept_changes: bool = False   # resume with other model/data/objective/regime/optimizer/batch settings than the
+                                   # checkpoint's: applied from its step on, recorded in resumes.jsonl
     on_nonfinite: OnNonFinite = OnNonFinite.stop
     max_skipped_batches: int = 10  # with on_nonfinite=skip: stop after this many skipped batches
     early_stopping_patience: int = 0  # stop after this many validations without a better loss, keeping
@@ -348,7 +350,8 @@ class MergeConfig:
     dtype: str = "fp32"                 # weights of the merged model: fp32 | bf16 | fp16
     tolerance: Optional[float] = None   # max |logit difference| merged vs base+adapter; null = 1e-4 (fp32),
                                         # 1e-2 (bf16/fp16)
-    overwrite: bool = False             # replace a non-empty output_dir
+    overwrite: bool = False             # replace an earlier merge in output_dir (files it did not write stay)
+    allow_other_base: bool = False      # merge into a base whose weights are not those the adapter was trained on
     probe_batches: int = 2              # batches of seeded random token ids the merged model is checked on
     probe_len: int = 32                 # tokens per probe sequence (capped by the model's positions)
     seed: int = 0                       # seeds the probe inputs

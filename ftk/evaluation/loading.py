@@ -4,6 +4,7 @@ the data (given, or the data the run that made the model used)."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -74,6 +75,10 @@ def resolve_target(cfg: Any) -> Target:
         target = resolve_path(str(adapter))
         if cfg.model.name_or_path:
             target.model_path = cfg.model.name_or_path
+        from ftk.base_fingerprint import check
+
+        check(adapter, target.record, target.model_path, bool(cfg.get("allow_other_base", False)),
+              lambda text: print(text, file=sys.stderr))
         return target
     if cfg.model.name_or_path:
         return resolve_path(cfg.model.name_or_path)
@@ -115,6 +120,12 @@ def _load(cls: Any, target: Target, cfg: Any, **kwargs: Any) -> Any:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot load model '{target.model_path}': {first}") from None
+
+
+def same_tokenizer(tokenizer: Any, other: Target, cfg: Any) -> bool:
+    """Whether `other` reads text with the same ids as `tokenizer` (its own tokenizer, as saved with it)."""
+    theirs = _tokenizer(other.adapter_path or other.model_path, cfg)
+    return theirs.get_vocab() == tokenizer.get_vocab()
 
 
 def is_masked(model: Any) -> bool:

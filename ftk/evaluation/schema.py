@@ -41,6 +41,7 @@ class EvaluateConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     adapter_path: Optional[str] = None  # a PEFT adapter (final/ of a LoRA / prompt-tuning finetune run)
     compare_to: Optional[str] = None    # a second model: both perplexities on the same text, and the change
+    allow_other_base: bool = False      # evaluate an adapter on a base whose weights are not those it was trained on
 
 
 def register() -> None:
