@@ -66,17 +66,14 @@ class Probe:
 
 
 def check_settings(cfg: Any) -> Tuple[str, float]:
-    """(dtype, tolerance) after the checks types cannot express."""
+    """(dtype, tolerance) after the checks types cannot express (numeric ranges: see MergeConfig)."""
+    from ftk import ranges
+
+    ranges.check(cfg)
     dtype = str(cfg.dtype)
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     tolerance = DEFAULT_TOLERANCE[dtype] if cfg.tolerance is None else float(cfg.tolerance)
-    if not tolerance > 0:
-        raise UsageError(f"tolerance must be positive, got {cfg.tolerance}")
-    if cfg.probe_batches < 1:
-        raise UsageError(f"probe_batches must be at least 1, got {cfg.probe_batches}")
-    if cfg.probe_len < 2:
-        raise UsageError(f"probe_len must be at least 2, got {cfg.probe_len}")
     return dtype, tolerance
 
 

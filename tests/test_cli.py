@@ -44,7 +44,7 @@ BAD_OVERRIDES = [
     (["data=text"], "data.path is required"),
     (["train.seq_len=4096"], "train.seq_len=4096 is larger than model.max_position_embeddings=512"),
     (["model=bert-tiny"], "cannot be trained with objective=clm"),
-    (["train.max_steps=0"], "train.max_steps must be positive"),
+    (["train.max_steps=0"], "train.max_steps=0 is out of range: must be >= 1"),
     (["data.path=/no/such/corpus.txt"], "data path /no/such/corpus.txt does not exist"),
 ]
 

@@ -202,10 +202,10 @@ def positions(model: Any) -> int:
 
 
 def window(cfg: Any, model: Any) -> Tuple[int, int]:
-    context = cfg.eval.context or min(positions(model), 1024)
+    context = cfg.eval.context if cfg.eval.context is not None else min(positions(model), 1024)
     if context > positions(model):
         raise UsageError(f"eval.context={context} is larger than the model's {positions(model)} positions")
-    stride = cfg.eval.stride or max(1, context // 2)
+    stride = cfg.eval.stride if cfg.eval.stride is not None else max(1, context // 2)
     if not 0 < stride <= context:
         raise UsageError(f"eval.stride must be in [1, eval.context={context}], got {stride}")
     return context, stride
