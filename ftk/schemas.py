@@ -243,6 +243,9 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore (called by each recipe before Hydra composes)."""
     from hydra.core.config_store import ConfigStore
 
+    from ftk.paths import register_resolvers
+
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
