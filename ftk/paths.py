@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from ftk.errors import UsageError
 
@@ -46,3 +47,21 @@ def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("ftk_dirname", safe_dirname, replace=True)
+
+
+def cache_root(configured: Optional[str]) -> Path:
+    """Where tokenized data, trained tokenizers and the embedded corpus are cached."""
+    root = configured or os.environ.get("FTK_CACHE") or "~/.cache/ftk"
+    return Path(root).expanduser()
+
+
+def require_writable_cache(configured: Optional[str]) -> None:
+    """Training writes its tokenizer and token blocks to the cache: refuse a read-only one before any work."""
+    if configured:
+        what = f"data.cache_dir={configured}"
+    elif os.environ.get("FTK_CACHE"):
+        what = f"FTK_CACHE={os.environ['FTK_CACHE']}"
+    else:
+        what = f"the cache folder {cache_root(None)}"
+    require_writable_dir(cache_root(configured), what,
+                         "point FTK_CACHE (or data.cache_dir) at a folder you can write to")

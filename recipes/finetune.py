@@ -28,6 +28,9 @@ def main(cfg: DictConfig) -> None:
 def finetune(cfg: DictConfig) -> dict:
     started = time.time()
     schemas.validate_finetune(cfg)
+    from ftk.paths import require_writable_cache
+
+    require_writable_cache(cfg.data.cache_dir)  # tokenized data and the embedded task are cached there
     from ftk import regimes
     from ftk.schemas import Objective, Regime
 

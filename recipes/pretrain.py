@@ -26,6 +26,9 @@ def main(cfg: DictConfig) -> None:
 def pretrain(cfg: DictConfig) -> dict:
     started = time.time()
     schemas.validate(cfg)
+    from ftk.paths import require_writable_cache
+
+    require_writable_cache(cfg.data.cache_dir)  # the tokenizer and token blocks are cached there
 
     from ftk import lm_setup, runs, session as sessions, train
     from ftk.models import count_parameters
