@@ -131,6 +131,9 @@ def choose_adapter(adapter_path: Optional[str]) -> Adapter:
     record: Dict[str, Any] = {}
     if (path / "ftk_finetune.json").is_file():
         record = json.loads((path / "ftk_finetune.json").read_text())
+    from ftk.models import check_weight_files
+
+    check_weight_files(path)  # a truncated adapter_model.safetensors: one line, not peft's traceback
     return Adapter(path, chosen, config, record)
 
 
@@ -187,6 +190,8 @@ def choose_base(given: Optional[str], adapter: Adapter) -> Tuple[str, str]:
     if named.startswith(("/", ".", "~")) and not path.exists():
         raise UsageError(f"the adapter's base {named} does not exist (moved or deleted?); pass "
                          "model.name_or_path=<where that model is now>")
+    if path.exists():
+        check_model_path(named)  # whole weight files, before anything is loaded
     return named, "named by the adapter"
 
 

@@ -86,6 +86,34 @@ def check_model_path(name_or_path: str) -> None:
     if not is_model_dir(path):
         hint = " (it holds a final/ model: pass that)" if is_model_dir(path / "final") else ""
         raise UsageError(f"model.name_or_path={name_or_path} is not a model directory: no config.json{hint}")
+    check_weight_files(path)
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every *.safetensors in a local model or adapter folder is whole: its header parses and the file is
+    exactly as long as the header says. Cheap (headers only), and it turns the SafetensorError traceback
+    that transformers/peft raise deep inside loading into one line naming the file."""
+    import json
+    import struct
+
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        size = weights.stat().st_size
+        problem = None
+        try:
+            with open(weights, "rb") as f:
+                head = f.read(8)
+                header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if not 2 <= header_len <= size - 8:
+                    problem = f"{size:,} bytes, too short for its header"
+                else:
+                    header = json.loads(f.read(header_len))
+                    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                    if 8 + header_len + end != size:
+                        problem = f"{size:,} bytes where its header promises {8 + header_len + end:,} (truncated?)"
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            problem = f"unreadable header ({type(exc).__name__})"
+        if problem:
+            raise UsageError(f"{weights} is damaged: {problem}; save or copy the model again")
 
 
 def load_model(name_or_path: str, objective: Objective, *, attn_implementation: Optional[str] = None,

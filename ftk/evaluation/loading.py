@@ -56,6 +56,11 @@ def resolve_path(path: str, chosen: str = "given") -> Target:
         base = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise UsageError(f"{path} is an adapter that does not name its base; pass model.name_or_path=<base>")
+        from ftk.models import check_model_path, check_weight_files
+
+        check_weight_files(local)  # the adapter's own weights
+        if Path(base).expanduser().exists():
+            check_model_path(base)
         return Target(base, str(local), _record(local), local.parent, chosen)
     if local.exists() or path.startswith((".", "/", "~")):
         from ftk.models import check_model_path
