@@ -67,13 +67,13 @@ def one_line(exc: BaseException, schema: Optional[type]) -> str:
 def unparsable(override: str) -> str:
     """Hydra's grammar takes only plain ASCII words, numbers and paths unquoted: anything else (accents,
     spaces, brackets, quotes in a path) must be quoted inside the override, and the shell needs it kept."""
+    from ftk.paths import override as quoted
+
     key, sep, value = override.partition("=")
     if not sep:
         return f"cannot parse the override '{override}'; write it as key=value"
-    quote = "'" if '"' in value else '"'
-    shell_quote = '"' if quote == "'" else "'"
-    return (f"cannot parse the value of {key}: quote it, as in {shell_quote}{key}={quote}{value}{quote}{shell_quote} "
-            "(the outer quotes keep the inner ones from the shell)")
+    return (f"cannot parse the value of {key}: quote it, as in {quoted(key, value)} (the outer quotes keep the "
+            "inner ones from the shell)")
 
 
 def hydra_flag(overrides: List[str], *names: str) -> bool:
@@ -144,6 +144,9 @@ def run_recipe(recipe: ModuleType, name: str, overrides: List[str]) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # re-raise so that we, not Hydra, decide what the user sees
+    from ftk.noise import quiet_libraries
+
+    quiet_libraries()
     saved_argv = sys.argv
     sys.argv = [f"ftk {name}"] + overrides
     FAILURES.clear()

@@ -528,10 +528,14 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
     base, base_chosen = choose_base(cfg.model.name_or_path, adapter)
     protected = [adapter.path] + ([Path(base).expanduser().resolve()] if Path(base).expanduser().exists() else [])
     refuse_output(out, bool(cfg.overwrite), protected)
+    from ftk.paths import require_writable_dir
+
+    # The merged model is written to a temp folder next to output_dir and renamed: that folder must be writable
+    # now, not after the whole merge has been computed.
+    require_writable_dir(out.parent, f"output_dir={out}", "pass an output_dir=<folder you can write to>")
     if adapter.chosen != "given":
         say(f"adapter: {adapter.path} ({adapter.chosen})")
-    if out_chosen != "given":
-        say(f"output: {out} ({out_chosen})")
+    say(f"output: {out}" + (f" ({out_chosen})" if out_chosen != "given" else ""))
 
     import torch
     from transformers import AutoConfig
@@ -642,7 +646,10 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
         say("QLoRA adapter: merged into the de-quantized (full-precision) base, not into 4-bit weights; the merged "
             "model's difference to the 4-bit-trained model is the quantization error, not a merge error"
             + (f": max |logit diff| {q_error:.2e} ({q_how})" if q_error is not None else f" ({q_how})"))
-    runs.print_summary(f"ftk merge-adapter: {out}", rows)
+    from ftk.paths import override
+
+    runs.print_summary(f"ftk merge-adapter: {out}", rows,
+                       [f"ftk evaluate {override('model.name_or_path', out)} data.path=<test data>"])
     return facts
 
 

@@ -4,8 +4,9 @@ instead of an OSError traceback after minutes of work (or after Hydra has half-c
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ftk.errors import UsageError
 
@@ -65,3 +66,12 @@ def require_writable_cache(configured: Optional[str]) -> None:
         what = f"the cache folder {cache_root(None)}"
     require_writable_dir(cache_root(configured), what,
                          "point FTK_CACHE (or data.cache_dir) at a folder you can write to")
+
+
+def override(key: str, value: Any) -> str:
+    """`key=value` as the user would type it in a shell: plain paths stay bare; anything Hydra's grammar or
+    the shell would split (spaces, accents, brackets) is quoted for both."""
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z0-9_./-]+", text):
+        return f"{key}={text}"
+    return "'" + f'{key}="' + text.replace("'", "'\\''") + "\"'"

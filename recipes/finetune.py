@@ -160,8 +160,20 @@ def finetune(cfg: DictConfig) -> dict:
     if forgetting_result:
         rows.append(("general-text perplexity", f"{base_ppl:.2f} -> {forgetting_result['finetuned_ppl']:.2f}"))
     sessions.finish(session, run_dir, model, tokenizer, summary, "finetune", extra_json={"ftk_finetune.json": record},
-                    extra_rows=rows)
+                    extra_rows=rows, next_steps=_next_steps(run_dir / "final", regime, prepared.adapter))
     return summary
+
+
+def _next_steps(final: Path, regime, adapter: bool) -> list:
+    from ftk.paths import override
+    from ftk.schemas import Regime
+
+    if not adapter:
+        return [f"ftk evaluate {override('model.name_or_path', final)} data.path=<test data>"]
+    steps = [f"ftk evaluate {override('adapter_path', final)} data.path=<test data>"]
+    if regime in (Regime.lora, Regime.qlora):  # a soft prompt (prompt_tuning) cannot be merged into weights
+        steps.append(f"ftk merge-adapter {override('adapter_path', final)}   # one standalone model, no peft needed")
+    return steps
 
 
 def _objective(cfg: DictConfig, tokenizer):

@@ -70,5 +70,10 @@ def pretrain(cfg: DictConfig) -> dict:
         "data": splits.description, **{f"final_{k}": v for k, v in result.final_eval.items()},
         "plan": session.plan.as_dict(),
     }
-    sessions.finish(session, run_dir, model, tokenizer, summary, "pretrain")
+    from ftk.paths import override
+
+    final = override("model.name_or_path", run_dir / "final")
+    sessions.finish(session, run_dir, model, tokenizer, summary, "pretrain", next_steps=[
+        f"ftk finetune {final} data.path=<task.jsonl>   # adapt it to a task",
+        f"ftk evaluate {final} data.path=<held-out text>   # perplexity on other text"])
     return summary
