@@ -95,6 +95,11 @@ def refuse_unwritable_run_dir(overrides: List[str]) -> Optional[str]:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("-"))
     path = given.get(key)
+    if path is not None and not path.strip().strip("'\""):  # Hydra would write .hydra/ and logs into the cwd
+        return f"{key} is empty; pass {key}=<a new folder for this run>"
+    if path and not multirun and _foreign(Path(path).expanduser()):
+        return (f"{key}={path} already holds files that are not an ftk run; pass {key}=<a new or empty folder> "
+                "(ftk writes .hydra/, logs and results there)")
     what = f"{key}={path}" if path else "the run folder runs/"
     try:
         require_writable_dir(Path(path) if path else Path("runs"), what,
@@ -102,6 +107,17 @@ def refuse_unwritable_run_dir(overrides: List[str]) -> Optional[str]:
     except UsageError as exc:
         return str(exc)
     return None
+
+
+RUN_MARKERS = (".hydra", "environment.json", "checkpoints", "final", "metrics.jsonl", "metrics.json")
+
+
+def _foreign(path: Path) -> bool:
+    """A non-empty folder that no ftk run has written to (none of what every run leaves)."""
+    try:
+        return path.is_dir() and any(path.iterdir()) and not any((path / m).exists() for m in RUN_MARKERS)
+    except OSError:
+        return False
 
 
 def refuse_finished_run(overrides: List[str]) -> Optional[str]:

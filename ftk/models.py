@@ -86,6 +86,13 @@ def check_model_path(name_or_path: str) -> None:
     if not is_model_dir(path):
         hint = " (it holds a final/ model: pass that)" if is_model_dir(path / "final") else ""
         raise UsageError(f"model.name_or_path={name_or_path} is not a model directory: no config.json{hint}")
+    import json
+
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # read by several loaders, each with its own traceback
+        raise UsageError(f"{path / 'config.json'} is damaged ({type(exc).__name__}: {str(exc)[:80]}); save or "
+                         "copy the model again") from None
     check_weight_files(path)
 
 
