@@ -42,10 +42,10 @@ def quiet_libraries() -> None:
     # adapter) and warns "No module named 'kernels'" when it is absent; the fallback it then uses is fine.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("transformers.modeling_utils").addFilter(LoadReportFilter())
-    # Deprecations inside the libraries (e.g. transformers' is_gradient_checkpointing, called by peft) are for
+    # Deprecations inside the libraries (transformers' is_gradient_checkpointing called by peft, torch.jit) are for
     # their maintainers, not for ftk's users; warnings from other origins still show.
     for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|accelerate|datasets)(\.|$)")
+        warnings.filterwarnings("ignore", category=category, module=r"(torch|transformers|peft|accelerate|datasets)(\.|$)")
     # peft switches fan_in_fan_out on by itself for GPT-2's Conv1D layers and says so on every LoRA run.
     warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target module is `Conv1D`",
                             category=UserWarning)
