@@ -103,7 +103,8 @@ def refuse_unwritable_run_dir(overrides: List[str]) -> Optional[str]:
     what = f"{key}={path}" if path else "the run folder runs/"
     try:
         require_writable_dir(Path(path) if path else Path("runs"), what,
-                             f"pass {key}=<a folder you can write to>" + ("" if path else ", or run ftk from a writable folder"))
+                             f"pass {key}=<a folder you can write to>"
+                             + ("" if path else ", or run ftk from a writable folder"))
     except UsageError as exc:
         return str(exc)
     return None

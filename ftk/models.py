@@ -67,7 +67,13 @@ def auto_class(objective: Objective):
 def build_model(m: Any, objective: Objective, tokenizer: Any):
     """A freshly initialised transformers model of the configured family and shape (checked in schemas.validate)."""
     config = build_config(m, tokenizer)
-    return auto_class(objective).from_config(config, attn_implementation=m.attn_implementation)
+    try:
+        return auto_class(objective).from_config(config, attn_implementation=m.attn_implementation)
+    except ValueError as exc:
+        if "attn_implementation" not in str(exc):
+            raise
+        raise UsageError(f"model.attn_implementation={m.attn_implementation} is not supported by "
+                         f"{type(config).__name__}: {str(exc).strip().splitlines()[0][:300]}") from None
 
 
 def is_model_dir(path: Path) -> bool:

@@ -9,6 +9,7 @@ import logging
 import re
 import warnings
 
+LIBRARIES = r"(torch|transformers|peft|accelerate|datasets)(\.|$)"  # origins whose deprecations are not ours
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Heads a fine-tuning or evaluation run adds on purpose; transformers reports them as MISSING on every load.
 NEW_HEAD = re.compile(r"^(score|classifier|cls|lm_head|qa_outputs|pooler)\.")
@@ -45,7 +46,7 @@ def quiet_libraries() -> None:
     # Deprecations inside the libraries (transformers' is_gradient_checkpointing called by peft, torch.jit) are for
     # their maintainers, not for ftk's users; warnings from other origins still show.
     for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(torch|transformers|peft|accelerate|datasets)(\.|$)")
+        warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
     # peft switches fan_in_fan_out on by itself for GPT-2's Conv1D layers and says so on every LoRA run.
     warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target module is `Conv1D`",
                             category=UserWarning)

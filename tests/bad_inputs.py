@@ -119,6 +119,11 @@ def _foreign_tokenizer(tmp: Path, w: World) -> None:
     train_tokenizer(docs * 2, Family.gpt2, 2000, 128).save_pretrained(tmp / "big-tokenizer")
 
 
+def _notes_folder(tmp: Path, w: World) -> None:
+    (tmp / "notes").mkdir()
+    (tmp / "notes" / "README.md").write_text("# What this data is\n")
+
+
 def _not_a_model(tmp: Path, w: World) -> None:
     (tmp / "not-a-model").mkdir()
 
@@ -137,6 +142,8 @@ CASES: List[Case] = [
          "bad.csv:3: 3 fields where the header has 2", _malformed_csv),
     Case("missing column", "pretrain", (*TINY, "data.path={tmp}/body.jsonl"),
          "has no column 'text'; its columns are body", _missing_column),
+    Case("folder of .md files only", "pretrain", (*TINY, "data.path={tmp}/notes"),
+         "a folder's .md files describe the data and are skipped", _notes_folder),
     Case("missing folder", "pretrain", (*TINY, "data.path={tmp}/no-such-folder/"), "does not exist"),
     Case("sequence longer than the model's positions", "pretrain", (*PRETRAINED, "train.seq_len=4096"),
          "larger than the model's 128 positions"),
@@ -146,7 +153,8 @@ CASES: List[Case] = [
          ("model=pretrained", "model.name_or_path={tmp}/not-a-model", "data.path={corpus}"),
          "is not a model directory", _not_a_model),
     # --- composition (moved from test_cli.py) -------------------------------------------------------------
-    Case("unknown key", "pretrain", (*TINY, "train.foo=1"), "unknown config key 'train.foo'; valid keys here: max_steps"),
+    Case("unknown key", "pretrain", (*TINY, "train.foo=1"),
+         "unknown config key 'train.foo'; valid keys here: max_steps"),
     Case("unknown top-level key", "pretrain", (*TINY, "bogus=1"), "unknown config key 'bogus'; valid keys here: model"),
     Case("wrong type", "pretrain", (*TINY, "train.max_steps=abc"), "train.max_steps: Value 'abc'"),
     Case("value outside an enum", "pretrain", (*TINY, "train.schedule=sideways"), "expected one of [cosine, linear"),
@@ -157,7 +165,8 @@ CASES: List[Case] = [
     Case("seq_len over max_position_embeddings", "pretrain", ("train.seq_len=4096",),
          "train.seq_len=4096 is larger than model.max_position_embeddings=512"),
     Case("encoder with clm", "pretrain", ("model=bert-tiny",), "cannot be trained with objective=clm"),
-    Case("missing data file", "pretrain", ("data.path=/no/such/corpus.txt",), "data path /no/such/corpus.txt does not exist"),
+    Case("missing data file", "pretrain", ("data.path=/no/such/corpus.txt",),
+         "data path /no/such/corpus.txt does not exist"),
     # --- issue 15 item 10: every numeric field has its range ----------------------------------------------
     Case("num_heads=0", "pretrain", (*TINY, "model.num_heads=0"), "model.num_heads=0 is out of range: must be >= 1"),
     Case("hidden_size=0", "pretrain", (*TINY, "model.hidden_size=0"), "model.hidden_size=0 is out of range"),
@@ -202,6 +211,10 @@ CASES: List[Case] = [
                                                 "probe_len=1"), "probe_len=1 is out of range"),
     Case("merge tolerance=inf", "merge-adapter", ("adapter_path={adapter}", "output_dir={tmp}/run/merged",
                                                   "tolerance=inf"), "tolerance=inf is not a finite number"),
+    Case("unknown attention implementation", "pretrain",
+         (*TINY, "data.path={corpus}", "model.attn_implementation=bogus"),
+         "model.attn_implementation=bogus is not supported"),
+    Case("cache_dir is a file", "pretrain", (*TINY, "data.cache_dir={tmp}/a-file"), "data.cache_dir=", _a_file),
     # --- item 11: damaged weights ---------------------------------------------------------------------------
     Case("truncated model.safetensors (pretrain)", "pretrain",
          ("model=pretrained", "model.name_or_path={tmp}/damaged", "data.path={corpus}", "train.seq_len=64"),
@@ -266,7 +279,8 @@ def snapshot(root: Path, skip: Tuple[Path, ...] = ()) -> Dict[str, Tuple[int, in
                 st = path.lstat()
             except OSError:
                 continue
-            out[str(path.relative_to(root))] = (st.st_size if not path.is_dir() else 0, st.st_mtime_ns)
+            # a folder only by its presence: its mtime moves whenever the run folder is made inside it
+            out[str(path.relative_to(root))] = (0, 0) if path.is_dir() else (st.st_size, st.st_mtime_ns)
     return out
 
 
