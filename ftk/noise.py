@@ -31,18 +31,15 @@ class LoadReportFilter(logging.Filter):
         return True
 
 
-_installed = False
+_LOAD_REPORT = LoadReportFilter()
 
 
 def quiet_libraries() -> None:
-    global _installed
-    if _installed:
-        return
-    _installed = True
+    """Idempotent: a process that runs several recipes (tests, a sweep) calls it before each."""
     # bitsandbytes' CPU backend tries an optional kernel package at import (peft imports bitsandbytes for any
     # adapter) and warns "No module named 'kernels'" when it is absent; the fallback it then uses is fine.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    logging.getLogger("transformers.modeling_utils").addFilter(LoadReportFilter())
+    logging.getLogger("transformers.modeling_utils").addFilter(_LOAD_REPORT)  # no-op when already there
     # Deprecations inside the libraries (transformers' is_gradient_checkpointing called by peft, torch.jit) are for
     # their maintainers, not for ftk's users; warnings from other origins still show.
     for category in (FutureWarning, DeprecationWarning):

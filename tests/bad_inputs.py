@@ -261,7 +261,7 @@ CASES: List[Case] = [
     Case("brackets in an unquoted path", "pretrain", (*TINY, "data.path={tmp}/x[1].txt"),
          "cannot parse the value of data.path: quote it"),
     Case("sweep value with ../ (job folder stays inside)", "pretrain",
-         ("-m", *TINY, "data.text_column=../../escaped", "train.seed=-1", "hydra.sweep.dir={tmp}/run/sweep"),
+         ("-m", *TINY, "data.text_column=../../../../escaped", "train.seed=-1", "hydra.sweep.dir={tmp}/run/sweep"),
          "train.seed=-1 is out of range", run_dir=False),
 ]
 
