@@ -6,7 +6,7 @@
 (the dataclass type of each node, from OmegaConf.get_type) and raises a UsageError naming the first value
 out of its range, and the range. Every float must also be finite: `train.lr=inf` is refused like 0.
 `None` (where the field is Optional) means "unset" and is always allowed; a list of numbers is checked
-element by element. This module imports only omegaconf.
+element by element. A string is never empty (`data.path=` is a typo, not a path). This module imports only omegaconf.
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ def check(cfg: Any, prefix: str = "") -> None:
 
 
 def _check_one(name: str, value: Any, bounds: Optional[Range]) -> None:
+    if isinstance(value, str) and not value.strip():
+        # `data.path=` would read the working folder, `adapter_path=` pick the newest run: never what was meant
+        raise UsageError(f"{name} is empty; pass {name}=<value>, or leave it out for the default")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if isinstance(value, float) and not math.isfinite(value):

@@ -215,6 +215,10 @@ CASES: List[Case] = [
          (*TINY, "data.path={corpus}", "model.attn_implementation=bogus"),
          "model.attn_implementation=bogus is not supported"),
     Case("cache_dir is a file", "pretrain", (*TINY, "data.cache_dir={tmp}/a-file"), "data.cache_dir=", _a_file),
+    Case("empty data.path (would read the working folder)", "pretrain", (*TINY, "data.path="),
+         "data.path is empty"),
+    Case("empty adapter_path", "merge-adapter", ("adapter_path=", "output_dir={tmp}/run/merged"),
+         "adapter_path is empty"),
     # --- item 11: damaged weights ---------------------------------------------------------------------------
     Case("truncated model.safetensors (pretrain)", "pretrain",
          ("model=pretrained", "model.name_or_path={tmp}/damaged", "data.path={corpus}", "train.seq_len=64"),
