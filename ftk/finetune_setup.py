@@ -26,6 +26,9 @@ def choose_base(name_or_path: Optional[str]) -> Tuple[str, str]:
     if newest is None:
         raise UsageError("no model given and no finished `ftk pretrain` run under ./runs; run "
                          "`ftk pretrain +recipe=gpt-tiny` first, or pass model.name_or_path=<model dir or hub name>")
+    from ftk.models import check_weight_files
+
+    check_weight_files(newest)
     return str(newest.resolve()), "the newest pretrain run"
 
 

@@ -67,17 +67,14 @@ class Probe:
 
 
 def check_settings(cfg: Any) -> Tuple[str, float]:
-    """(dtype, tolerance) after the checks types cannot express."""
+    """(dtype, tolerance) after the checks types cannot express (numeric ranges: see MergeConfig)."""
+    from ftk import ranges
+
+    ranges.check(cfg)
     dtype = str(cfg.dtype)
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     tolerance = DEFAULT_TOLERANCE[dtype] if cfg.tolerance is None else float(cfg.tolerance)
-    if not tolerance > 0:
-        raise UsageError(f"tolerance must be positive, got {cfg.tolerance}")
-    if cfg.probe_batches < 1:
-        raise UsageError(f"probe_batches must be at least 1, got {cfg.probe_batches}")
-    if cfg.probe_len < 2:
-        raise UsageError(f"probe_len must be at least 2, got {cfg.probe_len}")
     return dtype, tolerance
 
 
@@ -135,6 +132,9 @@ def choose_adapter(adapter_path: Optional[str]) -> Adapter:
     record: Dict[str, Any] = {}
     if (path / "ftk_finetune.json").is_file():
         record = json.loads((path / "ftk_finetune.json").read_text())
+    from ftk.models import check_weight_files
+
+    check_weight_files(path)  # a truncated adapter_model.safetensors: one line, not peft's traceback
     return Adapter(path, chosen, config, record)
 
 
@@ -213,6 +213,8 @@ def choose_base(given: Optional[str], adapter: Adapter) -> Tuple[str, str]:
     if named.startswith(("/", ".", "~")) and not path.exists():
         raise UsageError(f"the adapter's base {named} does not exist (moved or deleted?); pass "
                          "model.name_or_path=<where that model is now>")
+    if path.exists():
+        check_model_path(named)  # whole weight files, before anything is loaded
     return named, "named by the adapter"
 
 
@@ -498,6 +500,9 @@ def write_atomically(out: Path, fill) -> None:
     that merge wrote is replaced: anything else the user put there is moved into the new folder first."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the merged model private to this user
     try:
         fill(tmp)
         if out.exists():
@@ -554,10 +559,14 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
     base, base_chosen = choose_base(cfg.model.name_or_path, adapter)
     protected = [adapter.path] + ([Path(base).expanduser().resolve()] if Path(base).expanduser().exists() else [])
     refuse_output(out, bool(cfg.overwrite), protected)
+    from ftk.paths import require_writable_dir
+
+    # The merged model is written to a temp folder next to output_dir and renamed: that folder must be writable
+    # now, not after the whole merge has been computed.
+    require_writable_dir(out.parent, f"output_dir={out}", "pass an output_dir=<folder you can write to>")
     if adapter.chosen != "given":
         say(f"adapter: {adapter.path} ({adapter.chosen})")
-    if out_chosen != "given":
-        say(f"output: {out} ({out_chosen})")
+    say(f"output: {out}" + (f" ({out_chosen})" if out_chosen != "given" else ""))
 
     import torch
     from transformers import AutoConfig
@@ -682,7 +691,10 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
         say("QLoRA adapter: merged into the de-quantized (full-precision) base, not into 4-bit weights; the merged "
             "model's difference to the 4-bit-trained model is the quantization error, not a merge error"
             + (f": max |logit diff| {q_error:.2e} ({q_how})" if q_error is not None else f" ({q_how})"))
-    runs.print_summary(f"ftk merge-adapter: {out}", rows)
+    from ftk.paths import override
+
+    runs.print_summary(f"ftk merge-adapter: {out}", rows,
+                       [f"ftk evaluate {override('model.name_or_path', out)} data.path=<test data>"])
     return facts
 
 

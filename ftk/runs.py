@@ -20,7 +20,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ftk import checkpoint
 from ftk.errors import UsageError
@@ -132,13 +132,21 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def print_summary(title: str, rows: List[Tuple[str, str]]) -> None:
+def print_summary(title: str, rows: List[Tuple[str, str]], next_steps: Sequence[str] = ()) -> None:
+    """The closing table (stdout), then the commands that usually come next. Without a terminal (a log
+    file, a pipe) there is no width to fit, so nothing is cut with an ellipsis; on a terminal long values
+    wrap rather than lose their end."""
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(stderr=False, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=False, highlight=False, width=100_000)
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(justify="right", overflow="fold")
     for key, value in rows:
         table.add_row(key, value)
-    Console(stderr=False).print(table)
+    console.print(table)
+    for i, command in enumerate(next_steps):
+        console.print(("next: " if i == 0 else "      ") + command, soft_wrap=True)

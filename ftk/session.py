@@ -62,6 +62,7 @@ def start(cfg: Any, run_dir: Path) -> Session:
         if accelerator.is_main_process:
             console.print(text)
 
+    say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
     if note:
         say(note)
     if accelerator.is_main_process:
@@ -179,7 +180,7 @@ def _fsdp_on_cpu(accelerator: Any, plugin: Any) -> None:
 
 def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary: Dict[str, Any], title: str,
            extra_json: Optional[Dict[str, Dict[str, Any]]] = None,
-           extra_rows: Sequence[Tuple[str, str]] = ()) -> None:
+           extra_rows: Sequence[Tuple[str, str]] = (), next_steps: Sequence[str] = ()) -> None:
     """Write final/ (Hugging Face format, or a PEFT adapter) and the summary; rank 0 only."""
     accelerator = session.accelerator
     accelerator.wait_for_everyone()
@@ -225,4 +226,4 @@ def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary:
                  ("validation accuracy", f"{summary['final_eval_accuracy']:.2%}")]
     rows += list(extra_rows)
     rows.append(("saved", str(final)))
-    runs.print_summary(f"ftk {title}: {run_dir}", rows)
+    runs.print_summary(f"ftk {title}: {run_dir}", rows, next_steps)

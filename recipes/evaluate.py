@@ -29,7 +29,9 @@ def main(cfg: DictConfig) -> None:
 
 def evaluate(cfg: DictConfig) -> dict:
     started = time.time()
-    from ftk import runs
+    from ftk import ranges, runs
+
+    ranges.check(cfg)  # numeric fields against the ranges declared in the schema
     from ftk.evaluation import loading
     from ftk.evaluation.schema import EvalKind
 

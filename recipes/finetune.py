@@ -32,6 +32,9 @@ def main(cfg: DictConfig) -> None:
 def finetune(cfg: DictConfig) -> dict:
     started = time.time()
     schemas.validate_finetune(cfg)
+    from ftk.paths import require_writable_cache
+
+    require_writable_cache(cfg.data.cache_dir)  # tokenized data and the embedded task are cached there
     from ftk import regimes
     from ftk.schemas import Objective, Regime
 
@@ -174,8 +177,20 @@ def finetune(cfg: DictConfig) -> dict:
     # final/ is used as trained by plain transformers too: its tokenizer adds the eos, pads on the trained side.
     sessions.finish(session, run_dir, model, as_trained(tokenizer, data.append_eos, padding_side), summary,
                     "finetune", extra_json={"ftk_finetune.json": record},
-                    extra_rows=rows)
+                    extra_rows=rows, next_steps=_next_steps(run_dir / "final", regime, prepared.adapter))
     return summary
+
+
+def _next_steps(final: Path, regime, adapter: bool) -> list:
+    from ftk.paths import override
+    from ftk.schemas import Regime
+
+    if not adapter:
+        return [f"ftk evaluate {override('model.name_or_path', final)} data.path=<test data>"]
+    steps = [f"ftk evaluate {override('adapter_path', final)} data.path=<test data>"]
+    if regime in (Regime.lora, Regime.qlora):  # a soft prompt (prompt_tuning) cannot be merged into weights
+        steps.append(f"ftk merge-adapter {override('adapter_path', final)}   # one standalone model, no peft needed")
+    return steps
 
 
 def _objective(cfg: DictConfig, tokenizer):

@@ -30,6 +30,9 @@ def main(cfg: DictConfig) -> None:
 def pretrain(cfg: DictConfig) -> dict:
     started = time.time()
     schemas.validate(cfg)
+    from ftk.paths import require_writable_cache
+
+    require_writable_cache(cfg.data.cache_dir)  # the tokenizer and token blocks are cached there
 
     from ftk import lm_setup, resume_check, run_claim, runs, session as sessions, train
     from ftk.models import count_parameters
@@ -76,5 +79,10 @@ def pretrain(cfg: DictConfig) -> dict:
         "data": splits.description, **{f"final_{k}": v for k, v in result.final_eval.items()},
         "plan": session.plan.as_dict(),
     }
-    sessions.finish(session, run_dir, model, tokenizer, summary, "pretrain")
+    from ftk.paths import override
+
+    final = override("model.name_or_path", run_dir / "final")
+    sessions.finish(session, run_dir, model, tokenizer, summary, "pretrain", next_steps=[
+        f"ftk finetune {final} data.path=<task.jsonl>   # adapt it to a task",
+        f"ftk evaluate {final} data.path=<held-out text>   # perplexity on other text"])
     return summary

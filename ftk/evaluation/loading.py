@@ -57,6 +57,11 @@ def resolve_path(path: str, chosen: str = "given") -> Target:
         base = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise UsageError(f"{path} is an adapter that does not name its base; pass model.name_or_path=<base>")
+        from ftk.models import check_model_path, check_weight_files
+
+        check_weight_files(local)  # the adapter's own weights
+        if Path(base).expanduser().exists():
+            check_model_path(base)
         return Target(base, str(local), _record(local), local.parent, chosen)
     if local.exists() or path.startswith((".", "/", "~")):
         from ftk.models import check_model_path
@@ -213,10 +218,10 @@ def positions(model: Any) -> int:
 
 
 def window(cfg: Any, model: Any) -> Tuple[int, int]:
-    context = cfg.eval.context or min(positions(model), 1024)
+    context = cfg.eval.context if cfg.eval.context is not None else min(positions(model), 1024)
     if context > positions(model):
         raise UsageError(f"eval.context={context} is larger than the model's {positions(model)} positions")
-    stride = cfg.eval.stride or max(1, context // 2)
+    stride = cfg.eval.stride if cfg.eval.stride is not None else max(1, context // 2)
     if not 0 < stride <= context:
         raise UsageError(f"eval.stride must be in [1, eval.context={context}], got {stride}")
     return context, stride
