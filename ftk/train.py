@@ -122,6 +122,20 @@ class MetricsLog:
             self._handle.close()
 
 
+def validation_sums(model: Any, objective: Any, inputs: Dict[str, torch.Tensor], device: Any) -> torch.Tensor:
+    """(loss sum, target count, correct predictions) of one validation batch, as one float64 tensor on `device`.
+
+    Each part is moved to `device` before stacking: an objective may count on the host (a 0-dim CPU tensor
+    is fine in arithmetic with CUDA tensors, but torch.stack refuses to mix devices)."""
+    if hasattr(objective, "eval_sums"):  # task objectives also count correct predictions
+        sums = objective.eval_sums(model, inputs)
+        parts = (sums["loss_sum"], sums["count"], sums["correct"])
+    else:
+        loss_sum, count = objective.loss(model, inputs)
+        parts = (loss_sum, count, torch.zeros(()))
+    return torch.stack([torch.as_tensor(p).to(device=device, dtype=torch.float64) for p in parts])
+
+
 @torch.no_grad()
 def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit: int, seed: int,
              accelerator: Any) -> Dict[str, float]:
@@ -137,14 +151,7 @@ def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit:
             continue
         mine += 1
         inputs = _inputs(objective, batch, step_seed(seed, i, 0, stream=1), accelerator.device)
-        if hasattr(objective, "eval_sums"):  # task objectives also count correct predictions
-            sums = objective.eval_sums(model, inputs)
-            total += torch.stack([sums["loss_sum"].double(), sums["count"].double(),
-                                  sums["correct"].double()]).to(total.device)
-        else:
-            loss_sum, count = objective.loss(model, inputs)
-            total += torch.stack([loss_sum.double(), count.double().to(loss_sum.device),
-                                  torch.zeros((), dtype=torch.float64, device=loss_sum.device)]).to(total.device)
+        total += validation_sums(model, objective, inputs, total.device)
     if checkpoint.sharded(accelerator) and first is not None:
         # FSDP gathers each block's weights with every rank, so all ranks must run the same number of forwards:
         # a rank that had one batch fewer repeats the first one and drops the result.
