@@ -176,6 +176,8 @@ class HardwareConfig:
     gradient_checkpointing: bool = False    # recompute activations in backward: less memory, ~30% more compute
     optimizer: Optimizer = Optimizer.auto
     compile: Optional[bool] = None          # torch.compile the model; None = on for runs long enough to pay off
+    compile_backend: str = "inductor"       # torch.compile backend: inductor (fast kernels), aot_eager or eager
+                                            # (no code generation: what the CPU tests use to exercise compile)
     matmul_attention: Optional[bool] = None  # CPU bf16: attention as bf16 matmuls, not torch's slower CPU flash
                                              # kernel (see ftk.cpu_attention); None = on wherever that applies
     strategy: Strategy = Strategy.auto

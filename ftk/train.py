@@ -210,7 +210,9 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
     log = MetricsLog(run_dir / "metrics.jsonl", main, state.step if resume_from is not None else None)
     progress = TrainingProgress(t.max_steps, state.step, enabled=main)
     result = LoopResult(state=state)
-    unwrapped = accelerator.unwrap_model(model)
+    # The model itself, not torch.compile's wrapper (whose parameter names start with `_orig_mod.`): regimes
+    # unfreeze, L2-SP anchors and best/ are all by the model's own parameter names.
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     callbacks = list(callbacks)
     patience = getattr(t, "early_stopping_patience", 0)
     best_dir = run_dir / "best"
