@@ -28,6 +28,7 @@ from ftk.checkpoint import TrainState
 from ftk.cpu_attention import use_matmul_attention
 from ftk.data.sampler import BlockStream
 from ftk.errors import NumericError, Preempted
+from ftk.grad_sync import LateUnfrozenSync
 from ftk.schemas import OnNonFinite
 from ftk.hardware import Plan, use_fused_kernels
 from ftk.optim import build_optimizer, build_scheduler
@@ -213,6 +214,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
     # The model itself, not torch.compile's wrapper (whose parameter names start with `_orig_mod.`): regimes
     # unfreeze, L2-SP anchors and best/ are all by the model's own parameter names.
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    late_grads = LateUnfrozenSync(model, unwrapped)  # DDP averages only what trained when it was wrapped
     callbacks = list(callbacks)
     patience = getattr(t, "early_stopping_patience", 0)
     best_dir = run_dir / "best"
@@ -265,6 +267,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                 totals = accelerator.reduce(torch.stack([step_loss, torch.tensor(float(step_tokens), dtype=torch.float64,
                                                                                   device=step_loss.device)]),
                                             reduction="sum")
+                late_grads()
                 step_loss = totals[0] / global_count
                 loss_value = step_loss.item()
                 step_tokens_global = int(totals[1].item())
