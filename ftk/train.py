@@ -281,6 +281,11 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                 grad_fault = grad_norm is not None and not math.isfinite(grad_norm) and plan.precision != "fp16"
                 if not math.isfinite(loss_value) or grad_fault:
                     optimizer.zero_grad(set_to_none=True)
+                    if accelerator.scaler is not None:
+                        # fp16: clipping has unscaled this step's gradients, and only the scaler's update() clears
+                        # that mark (optimizer.step() is not called); lower the scale as for an overflow.
+                        scaler = accelerator.scaler
+                        scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
                     state.skipped_batches += 1
                     what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
                     if OnNonFinite(t.on_nonfinite) is OnNonFinite.stop:
