@@ -202,7 +202,8 @@ class RegimeConfig:
     head_steps: int = 100                  # head_then_full: steps with only the head training
     full_lr_ratio: float = 0.1             # head_then_full: lr of the full phase, relative to regime lr
     quant_type: str = "nf4"                # qlora: nf4 | fp4
-    compute_dtype: str = "bf16"            # qlora: dtype of the de-quantized matmuls: bf16 | fp16 | fp32
+    compute_dtype: str = "auto"            # qlora: dtype of the de-quantized matmuls: auto (fp16 for fp16 runs,
+                                           # else bf16) | bf16 | fp16 | fp32
 
 
 @dataclass
@@ -311,8 +312,8 @@ def validate_finetune(cfg: Any) -> None:
         _require(getattr(r, key) >= 0, f"regime.{key} must be >= 0, got {getattr(r, key)}")
     _require(0.0 <= r.lora_dropout < 1.0, f"regime.lora_dropout must be in [0, 1), got {r.lora_dropout}")
     _require(r.quant_type in ("nf4", "fp4"), f"regime.quant_type must be nf4 or fp4, got {r.quant_type}")
-    _require(r.compute_dtype in ("bf16", "fp16", "fp32"),
-             f"regime.compute_dtype must be bf16, fp16 or fp32, got {r.compute_dtype}")
+    _require(r.compute_dtype in ("auto", "bf16", "fp16", "fp32"),
+             f"regime.compute_dtype must be auto, bf16, fp16 or fp32, got {r.compute_dtype}")
     _require(0.0 <= f.replay_fraction < 1.0, f"forgetting.replay_fraction must be in [0, 1), got {f.replay_fraction}")
     _require(f.l2sp >= 0.0, f"forgetting.l2sp must be >= 0, got {f.l2sp}")
     _require(f.max_blocks > 0, f"forgetting.max_blocks must be positive, got {f.max_blocks}")
