@@ -194,6 +194,10 @@ def gather(accelerator: Any, model: Any, optimizer: Any = None) -> Optional[Gath
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    # The sharded model itself, not torch.compile's wrapper: its names carry no `_orig_mod.` prefix, so the
+    # tied-weight dedup below and the saved keys match the unsharded model's.
+    model = accelerator.unwrap_model(model, keep_torch_compile=False)
+
     weights = accelerator.get_state_dict(model)  # full_state_dict, cpu_offload: rank 0 holds it, the others {}
     # Gathering gives tied parameters (lm_head = embeddings) separate copies; keep the first name only, as
     # save_pretrained does for an unsharded model, so final/ is the same file with or without FSDP.

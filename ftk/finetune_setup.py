@@ -174,7 +174,10 @@ def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, t
         if regime is Regime.qlora:
             from ftk.regimes.qlora_base import load_4bit_base
 
-            model, info = load_4bit_base(base, cls, _dtype(cfg.regime.compute_dtype),
+            from ftk.hardware import qlora_compute_dtype
+
+            compute = qlora_compute_dtype(cfg.regime.compute_dtype, precision)
+            model, info = load_4bit_base(base, cls, _dtype(compute),
                                          quant_type=cfg.regime.quant_type, **kwargs)
         else:
             model, info = cls.from_pretrained(base, dtype=weights_dtype(regime, precision), **kwargs)

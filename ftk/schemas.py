@@ -185,6 +185,8 @@ class HardwareConfig:
     gradient_checkpointing: bool = False    # recompute activations in backward: less memory, ~30% more compute
     optimizer: Optimizer = Optimizer.auto
     compile: Optional[bool] = None          # torch.compile the model; None = on for runs long enough to pay off
+    compile_backend: str = "inductor"       # torch.compile backend: inductor (fast kernels), aot_eager or eager
+                                            # (no code generation: what the CPU tests use to exercise compile)
     matmul_attention: Optional[bool] = None  # CPU bf16: attention as bf16 matmuls, not torch's slower CPU flash
                                              # kernel (see ftk.cpu_attention); None = on wherever that applies
     strategy: Strategy = Strategy.auto
@@ -210,7 +212,8 @@ class RegimeConfig:
     head_steps: int = ranged(100, ge=0)  # head_then_full: steps with only the head training
     full_lr_ratio: float = ranged(0.1, gt=0)  # head_then_full: lr of the full phase, relative to regime lr
     quant_type: str = "nf4"                # qlora: nf4 | fp4
-    compute_dtype: str = "bf16"            # qlora: dtype of the de-quantized matmuls: bf16 | fp16 | fp32
+    compute_dtype: str = "auto"            # qlora: dtype of the de-quantized matmuls: auto (fp16 for fp16 runs,
+                                           # else bf16) | bf16 | fp16 | fp32
 
 
 @dataclass
@@ -308,8 +311,8 @@ def validate_finetune(cfg: Any) -> None:
     validate(cfg)
     r, f = cfg.regime, cfg.forgetting
     _require(r.quant_type in ("nf4", "fp4"), f"regime.quant_type must be nf4 or fp4, got {r.quant_type}")
-    _require(r.compute_dtype in ("bf16", "fp16", "fp32"),
-             f"regime.compute_dtype must be bf16, fp16 or fp32, got {r.compute_dtype}")
+    _require(r.compute_dtype in ("auto", "bf16", "fp16", "fp32"),
+             f"regime.compute_dtype must be auto, bf16, fp16 or fp32, got {r.compute_dtype}")
     d = cfg.data
     classification = Objective(cfg.objective.name) is Objective.classification
     for key in ("train_examples", "test_path"):

@@ -28,6 +28,7 @@ from ftk.checkpoint import TrainState
 from ftk.cpu_attention import use_matmul_attention
 from ftk.data.sampler import BlockStream
 from ftk.errors import NumericError, Preempted
+from ftk.grad_sync import LateUnfrozenSync
 from ftk.schemas import OnNonFinite
 from ftk.hardware import Plan, use_fused_kernels
 from ftk.optim import build_optimizer, build_scheduler
@@ -129,6 +130,20 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
+def validation_sums(model: Any, objective: Any, inputs: Dict[str, torch.Tensor], device: Any) -> torch.Tensor:
+    """(loss sum, target count, correct predictions) of one validation batch, as one float64 tensor on `device`.
+
+    Each part is moved to `device` before stacking: an objective may count on the host (a 0-dim CPU tensor
+    is fine in arithmetic with CUDA tensors, but torch.stack refuses to mix devices)."""
+    if hasattr(objective, "eval_sums"):  # task objectives also count correct predictions
+        sums = objective.eval_sums(model, inputs)
+        parts = (sums["loss_sum"], sums["count"], sums["correct"])
+    else:
+        loss_sum, count = objective.loss(model, inputs)
+        parts = (loss_sum, count, torch.zeros(()))
+    return torch.stack([torch.as_tensor(p).to(device=device, dtype=torch.float64) for p in parts])
+
+
 @torch.no_grad()
 def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit: int, seed: int,
              accelerator: Any) -> Dict[str, float]:
@@ -144,14 +159,7 @@ def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit:
             continue
         mine += 1
         inputs = _inputs(objective, batch, step_seed(seed, i, 0, stream=1), accelerator.device)
-        if hasattr(objective, "eval_sums"):  # task objectives also count correct predictions
-            sums = objective.eval_sums(model, inputs)
-            total += torch.stack([sums["loss_sum"].double(), sums["count"].double(),
-                                  sums["correct"].double()]).to(total.device)
-        else:
-            loss_sum, count = objective.loss(model, inputs)
-            total += torch.stack([loss_sum.double(), count.double().to(loss_sum.device),
-                                  torch.zeros((), dtype=torch.float64, device=loss_sum.device)]).to(total.device)
+        total += validation_sums(model, objective, inputs, total.device)
     if checkpoint.sharded(accelerator) and first is not None:
         # FSDP gathers each block's weights with every rank, so all ranks must run the same number of forwards:
         # a rank that had one batch fewer repeats the first one and drops the result.
@@ -222,7 +230,10 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
     log = MetricsLog(run_dir / "metrics.jsonl", main, state.step)
     progress = TrainingProgress(t.max_steps, state.step, enabled=main)
     result = LoopResult(state=state)
-    unwrapped = accelerator.unwrap_model(model)
+    # The model itself, not torch.compile's wrapper (whose parameter names start with `_orig_mod.`): regimes
+    # unfreeze, L2-SP anchors and best/ are all by the model's own parameter names.
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    late_grads = LateUnfrozenSync(model, unwrapped)  # DDP averages only what trained when it was wrapped
     callbacks = list(callbacks)
     patience = getattr(t, "early_stopping_patience", 0)
     best_dir = run_dir / "best"
@@ -276,6 +287,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                 totals = accelerator.reduce(torch.stack([step_loss, torch.tensor(float(step_tokens), dtype=torch.float64,
                                                                                   device=step_loss.device)]),
                                             reduction="sum")
+                late_grads()
                 step_loss = totals[0] / global_count
                 loss_value = step_loss.item()
                 step_tokens_global = int(totals[1].item())
@@ -289,6 +301,11 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                 grad_fault = grad_norm is not None and not math.isfinite(grad_norm) and plan.precision != "fp16"
                 if not math.isfinite(loss_value) or grad_fault:
                     optimizer.zero_grad(set_to_none=True)
+                    if accelerator.scaler is not None:
+                        # fp16: clipping has unscaled this step's gradients, and only the scaler's update() clears
+                        # that mark (optimizer.step() is not called); lower the scale as for an overflow.
+                        scaler = accelerator.scaler
+                        scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
                     state.skipped_batches += 1
                     what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
                     if OnNonFinite(t.on_nonfinite) is OnNonFinite.stop:

@@ -119,7 +119,7 @@ def finetune(cfg: DictConfig) -> dict:
                            lr_multiplier=prepared.lr_multiplier, started_at=started, settings=settings,
                            apply_changes=bool(changed))
 
-    unwrapped = session.accelerator.unwrap_model(model)
+    unwrapped = session.accelerator.unwrap_model(model, keep_torch_compile=False)
     trainable_end, _ = count_parameters(unwrapped)  # gradual_unfreeze / head_then_full end with more than they start
     forgetting_result = {}
     if general is not None:
