@@ -36,6 +36,9 @@ def schema_keys(schema: type, dotted: str) -> Optional[List[str]]:
 def one_line(exc: BaseException, schema: Optional[type]) -> str:
     """The shortest message that names the bad key or option and what would be valid."""
     text = str(exc).strip()
+    override = getattr(exc, "override", None)  # hydra.errors.OverrideParseException: the lexer/parser refused it
+    if override is not None:
+        return unparsable(override)
     # Unknown group option: "Could not find 'model/gpt-tin'\n\nAvailable options in 'model':\n\ta\n\tb\nConfig..."
     found = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
     if found:
@@ -62,6 +65,63 @@ def one_line(exc: BaseException, schema: Optional[type]) -> str:
     if key:
         return f"{key}: {first}"
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def unparsable(override: str) -> str:
+    """Hydra's grammar takes only plain ASCII words, numbers and paths unquoted: anything else (accents,
+    spaces, brackets, quotes in a path) must be quoted inside the override, and the shell needs it kept."""
+    from ftk.paths import override as quoted
+
+    key, sep, value = override.partition("=")
+    if not sep:
+        return f"cannot parse the override '{override}'; write it as key=value"
+    return (f"cannot parse the value of {key}: quote it, as in {quoted(key, value)} (the outer quotes keep the "
+            "inner ones from the shell)")
+
+
+def hydra_flag(overrides: List[str], *names: str) -> bool:
+    return any(o in names or any(o.startswith(n + "=") for n in names) for o in overrides)
+
+
+READ_ONLY_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p")
+
+
+def refuse_unwritable_run_dir(overrides: List[str]) -> Optional[str]:
+    """Hydra creates the run (or sweep) folder and writes .hydra/ into it before a recipe runs: a path that
+    is a file, or lies in a read-only folder, is refused here with one line instead of Hydra's traceback."""
+    if hydra_flag(overrides, *READ_ONLY_FLAGS):
+        return None
+    from ftk.errors import UsageError
+    from ftk.paths import require_writable_dir
+
+    multirun = hydra_flag(overrides, "-m", "--multirun")
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("-"))
+    path = given.get(key)
+    if path is not None and not path.strip().strip("'\""):  # Hydra would write .hydra/ and logs into the cwd
+        return f"{key} is empty; pass {key}=<a new folder for this run>"
+    if path and not multirun and _foreign(Path(path).expanduser()):
+        return (f"{key}={path} already holds files that are not an ftk run; pass {key}=<a new or empty folder> "
+                "(ftk writes .hydra/, logs and results there)")
+    what = f"{key}={path}" if path else "the run folder runs/"
+    try:
+        require_writable_dir(Path(path) if path else Path("runs"), what,
+                             f"pass {key}=<a folder you can write to>"
+                             + ("" if path else ", or run ftk from a writable folder"))
+    except UsageError as exc:
+        return str(exc)
+    return None
+
+
+RUN_MARKERS = (".hydra", "environment.json", "checkpoints", "final", "metrics.jsonl", "metrics.json")
+
+
+def _foreign(path: Path) -> bool:
+    """A non-empty folder that no ftk run has written to (none of what every run leaves)."""
+    try:
+        return path.is_dir() and any(path.iterdir()) and not any((path / m).exists() for m in RUN_MARKERS)
+    except OSError:
+        return False
 
 
 def refuse_finished_run(overrides: List[str]) -> Optional[str]:
@@ -96,7 +156,15 @@ def bracket_lists(overrides: List[str], list_keys) -> List[str]:
 
 def run_recipe(recipe: ModuleType, name: str, overrides: List[str]) -> int:
     overrides = bracket_lists(overrides, getattr(recipe, "LIST_KEYS", ()))
-    refusal = refuse_finished_run(overrides)
+    if getattr(recipe, "CLAIMS_RUN_DIR", False) and not any(o.startswith("hydra.output_subdir=") for o in overrides):
+        from ftk.run_claim import pending_name
+
+        # Hydra writes the composed config before the recipe can check anything: into a pending folder, which
+        # the recipe makes the run's .hydra/ only once its checks pass (ftk/run_claim.py).
+        # Next to the user's own overrides: argparse reads one run of them, before or after flags like -m, --cfg.
+        at = next((i for i, o in enumerate(overrides) if "=" in o and not o.startswith("-")), len(overrides))
+        overrides = overrides[:at] + [f"hydra.output_subdir={pending_name()}"] + overrides[at:]
+    refusal = refuse_unwritable_run_dir(overrides) or refuse_finished_run(overrides)
     if refusal:
         print(f"ftk {name}: error: {refusal}", file=sys.stderr)
         return UsageError.exit_code
@@ -104,6 +172,9 @@ def run_recipe(recipe: ModuleType, name: str, overrides: List[str]) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # re-raise so that we, not Hydra, decide what the user sees
+    from ftk.noise import quiet_libraries
+
+    quiet_libraries()
     saved_argv = sys.argv
     sys.argv = [f"ftk {name}"] + overrides
     FAILURES.clear()

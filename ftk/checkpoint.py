@@ -9,11 +9,15 @@ ones are pruned only after that rename. No RNG state is stored: the loop reseeds
     step-000200/optimizer.pt      optimizer state (loaded with torch.load(weights_only=True)); under FSDP the
                                   full state, keyed by parameter name, gathered from every shard
     step-000200/scheduler.pt      scheduler and grad-scaler state
-    step-000200/trainer_state.json  step, data-stream position, tokens seen, elapsed time (written last)
+    step-000200/trainer_state.json  step, data-stream position, tokens seen, elapsed time
+    step-000200/manifest.json     size and sha256 of every other file (written last): a checkpoint is used only
+                                  when every file verifies, so a disk error, a truncation or a hand edit after
+                                  the rename is found before anything is loaded
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -40,17 +44,71 @@ class TrainState:
     extra: Dict[str, Any] = field(default_factory=dict)  # regime/recipe state (e.g. unfrozen groups)
 
 
+MANIFEST = "manifest.json"
+REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
 def step_dirs(checkpoints: Path) -> List[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders (renamed into place, so written whole; see `damage` for what happened since), oldest
+    first."""
     if not checkpoints.is_dir():
         return []
-    found = [p for p in checkpoints.iterdir() if STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()]
+    found = [p for p in checkpoints.iterdir() if STEP_DIR.match(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
 def latest(checkpoints: Path) -> Optional[Path]:
-    dirs = step_dirs(checkpoints)
-    return dirs[-1] if dirs else None
+    """The newest checkpoint whose every file verifies."""
+    for path in reversed(step_dirs(checkpoints)):
+        if damage(path) is None:
+            return path
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> List[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(root: Path) -> None:
+    files = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(root)}
+    (root / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def damage(path: Path) -> Optional[str]:
+    """None when every file of the checkpoint is as written; else what is wrong, in a few words."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        # Written by an ftk without manifests: the files must at least be there and the state readable.
+        missing = [name for name in REQUIRED if not (path / name).is_file()]
+        if missing or not (path / "model").is_dir():
+            return f"{(missing or ['model/'])[0]} missing"
+        try:
+            load_state(path)
+        except (ValueError, TypeError):
+            return "trainer_state.json unreadable"
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} unreadable"
+    for name, expected in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} missing"
+        size = f.stat().st_size
+        if size != expected["size"]:
+            return f"{name} is {size:,} bytes, {expected['size']:,} were written"
+        if _sha256(f) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def _fsync_tree(root: Path) -> None:
@@ -89,6 +147,7 @@ def save(checkpoints: Path, state: TrainState, model: Any, tokenizer: Any, optim
         for name, obj in (extra_files or {}).items():
             torch.save(obj, tmp / name)
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+        write_manifest(tmp)  # last: what it lists is what was written
         _fsync_tree(tmp)
         if final.exists():  # a stale copy of the same step (e.g. re-saved after resume)
             shutil.rmtree(final)
@@ -134,6 +193,10 @@ def gather(accelerator: Any, model: Any, optimizer: Any = None) -> Optional[Gath
     if not sharded(accelerator):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    # The sharded model itself, not torch.compile's wrapper: its names carry no `_orig_mod.` prefix, so the
+    # tied-weight dedup below and the saved keys match the unsharded model's.
+    model = accelerator.unwrap_model(model, keep_torch_compile=False)
 
     weights = accelerator.get_state_dict(model)  # full_state_dict, cpu_offload: rank 0 holds it, the others {}
     # Gathering gives tied parameters (lm_head = embeddings) separate copies; keep the first name only, as

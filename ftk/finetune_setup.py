@@ -29,6 +29,9 @@ def choose_base(name_or_path: Optional[str]) -> Tuple[str, str]:
     if newest is None:
         raise UsageError("no model given and no finished `ftk pretrain` run under ./runs; run "
                          "`ftk pretrain +recipe=gpt-tiny` first, or pass model.name_or_path=<model dir or hub name>")
+    from ftk.models import check_weight_files
+
+    check_weight_files(newest)
     return str(newest.resolve()), "the newest pretrain run"
 
 
@@ -164,8 +167,10 @@ def load_task_model(cfg: Any, base: str, objective: Objective, regime: str, toke
         if facts(regime).quantized:
             from ftk.regimes.qlora_base import load_4bit_base
 
-            model, info = load_4bit_base(base, cls, _dtype(getattr(cfg.regime.compute_dtype, "value", cfg.regime.compute_dtype)),
-                                         quant_type=getattr(cfg.regime.quant_type, "value", cfg.regime.quant_type), **kwargs)
+            from ftk.hardware import qlora_compute_dtype
+
+            compute = qlora_compute_dtype(cfg.regime.compute_dtype.value, precision)
+            model, info = load_4bit_base(base, cls, _dtype(compute), quant_type=cfg.regime.quant_type.value, **kwargs)
         else:
             model, info = cls.from_pretrained(base, dtype=weights_dtype(regime, precision), **kwargs)
     except (OSError, ValueError) as exc:

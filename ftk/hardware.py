@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from ftk.errors import UsageError
 from ftk.schemas import Device, Optimizer, Precision, Strategy
@@ -63,6 +63,38 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+# bf16 runs at full speed from compute capability 8.0 (Ampere: A100, A10, RTX 30xx; then Hopper, Ada...).
+# Volta (V100, 7.0) and Turing (T4, 7.5) have fp16 tensor cores only, yet torch.cuda.is_bf16_supported()
+# says True there (it counts emulation): bf16 would run several times slower than fp16.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def cuda_capability() -> Optional[Tuple[int, int]]:
+    """The current CUDA device's compute capability, or None when no CUDA device is visible."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+
+
+def auto_precision(device: str, capability: Optional[Tuple[int, int]] = None, cpu_bf16: Optional[bool] = None) -> str:
+    """What `hardware.precision=auto` means: the one rule, shared by the run and the memory planner.
+
+    CUDA: bf16 where the GPU computes it natively (capability >= 8.0), else fp16 (with a loss scaler); a GPU
+    not visible from here (planning on a login node) is assumed recent. CPU: bf16 where the CPU has bf16
+    instructions, else fp32."""
+    if device == "cuda":
+        return "bf16" if capability is None or tuple(capability) >= BF16_MIN_CAPABILITY else "fp16"
+    return "bf16" if (cpu_has_bf16() if cpu_bf16 is None else cpu_bf16) else "fp32"
+
+
+def qlora_compute_dtype(setting: str, precision: str) -> str:
+    """QLoRA's de-quantized matmul dtype: `regime.compute_dtype=auto` follows the run's precision (fp16 on GPUs
+    without native bf16), keeping bf16 for bf16 and fp32 runs as the QLoRA paper does."""
+    if setting != "auto":
+        return setting
+    return "fp16" if precision == "fp16" else "bf16"
+
+
 def resolve(hw: Any, batch_size: int, max_steps: int) -> Plan:
     """The plan for `hw` (a HardwareConfig) and a run of `max_steps` steps of `batch_size` sequences."""
     import torch
@@ -74,10 +106,7 @@ def resolve(hw: Any, batch_size: int, max_steps: int) -> Plan:
         raise UsageError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu or hardware=auto")
     precision = Precision(hw.precision)
     if precision is Precision.auto:
-        if device is Device.cuda:
-            precision = Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
-        else:
-            precision = Precision.bf16 if cpu_has_bf16() else Precision.fp32
+        precision = Precision(auto_precision(device.value, cuda_capability() if device is Device.cuda else None))
     if precision is Precision.fp16 and device is Device.cpu:
         raise UsageError("hardware.precision=fp16 needs a CUDA device; on a CPU use bf16 or fp32")
 

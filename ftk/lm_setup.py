@@ -62,10 +62,15 @@ def tokenizer_for(cfg: Any, splits: lm.TextSplits, resume_from: Optional[Path], 
                                          "vocab": m.vocab_size, "max_len": m.max_position_embeddings,
                                          "v": 1}).encode()).hexdigest()[:32]
         cached = lm.cache_root(cfg.data.cache_dir) / "tokenizers" / key
+        tok = None
         if (cached / "tokenizer.json").is_file():
-            tok = load_tokenizer(str(cached))
-            say(f"tokenizer: cached {Family(m.family).value} tokenizer ({len(tok):,} tokens) from {cached}")
-        else:
+            try:
+                tok = load_tokenizer(str(cached))
+                say(f"tokenizer: cached {Family(m.family).value} tokenizer ({len(tok):,} tokens) from {cached}")
+            except UsageError:  # a damaged cache entry (truncated tokenizer.json, ...): train it again
+                say(f"tokenizer cache: {cached} is damaged; training the tokenizer again")
+                shutil.rmtree(cached, ignore_errors=True)
+        if tok is None:
             tok = train_tokenizer(splits.train, Family(m.family), m.vocab_size, m.max_position_embeddings)
             tmp = cached.with_name(cached.name + ".tmp")
             tok.save_pretrained(tmp)
@@ -80,7 +85,7 @@ def tokenizer_for(cfg: Any, splits: lm.TextSplits, resume_from: Optional[Path], 
 
 def pack(cfg: Any, splits: lm.TextSplits, tokenizer: Any, tokenizer_fp: str, say: Say) -> lm.PackedData:
     packed = lm.packed_blocks(splits, tokenizer, cfg.train.seq_len, Objective(cfg.objective.name).value,
-                              cfg.data.cache_dir, tokenizer_fp)
+                              cfg.data.cache_dir, tokenizer_fp, say)
     n_tokens = packed.train.size
     say(f"blocks: {len(packed.train):,} training x {cfg.train.seq_len} tokens ({n_tokens:,} tokens), "
         f"{len(packed.validation):,} validation" + (" (from cache)" if packed.cache_hit else ""))

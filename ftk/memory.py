@@ -891,15 +891,9 @@ def _resolve_precision(hw: Any, device: str) -> str:
     precision = Precision(hw.precision)
     if precision is not Precision.auto:
         return precision.value
-    if device == "cuda":
-        import torch
+    from ftk.hardware import auto_precision, cuda_capability
 
-        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-            return "fp16"
-        return "bf16"
-    from ftk.hardware import cpu_has_bf16
-
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return auto_precision(device, cuda_capability() if device == "cuda" else None)
 
 
 def setup_from_cfg(cfg: Any, *, devices: Optional[int] = None, plan: Any = None, weights: str = "ftk") -> Setup:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -66,17 +67,14 @@ class Probe:
 
 
 def check_settings(cfg: Any) -> Tuple[str, float]:
-    """(dtype, tolerance) after the checks types cannot express."""
+    """(dtype, tolerance) after the checks types cannot express (numeric ranges: see MergeConfig)."""
+    from ftk import ranges
+
+    ranges.check(cfg)
     dtype = str(cfg.dtype)
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     tolerance = DEFAULT_TOLERANCE[dtype] if cfg.tolerance is None else float(cfg.tolerance)
-    if not tolerance > 0:
-        raise UsageError(f"tolerance must be positive, got {cfg.tolerance}")
-    if cfg.probe_batches < 1:
-        raise UsageError(f"probe_batches must be at least 1, got {cfg.probe_batches}")
-    if cfg.probe_len < 2:
-        raise UsageError(f"probe_len must be at least 2, got {cfg.probe_len}")
     return dtype, tolerance
 
 
@@ -134,6 +132,9 @@ def choose_adapter(adapter_path: Optional[str]) -> Adapter:
     record: Dict[str, Any] = {}
     if (path / "ftk_finetune.json").is_file():
         record = json.loads((path / "ftk_finetune.json").read_text())
+    from ftk.models import check_weight_files
+
+    check_weight_files(path)  # a truncated adapter_model.safetensors: one line, not peft's traceback
     return Adapter(path, chosen, config, record)
 
 
@@ -173,6 +174,28 @@ def refuse_output(out: Path, overwrite: bool, protected: List[Path]) -> None:
     if any(out.iterdir()) and not overwrite:
         raise UsageError(f"output_dir={out} exists and is not empty; pass another output_dir=..., or "
                          "overwrite=true to replace it")
+    if any(out.iterdir()) and not (out / "merge.json").is_file():
+        raise UsageError(f"output_dir={out} holds files ftk merge-adapter did not write (no merge.json); "
+                         "overwrite=true replaces only an earlier merge: pass another output_dir=...")
+
+
+# What an earlier merge wrote, for a merge.json that does not list its files (older ftk).
+WRITTEN_BY_MERGE = ("config.json", "generation_config.json", "merge.json", "ftk_finetune.json", "model.safetensors",
+                    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
+                    "chat_template.jinja", "tokenizer.model")
+
+
+def written_by_merge(out: Path) -> List[str]:
+    """Top-level names an earlier merge wrote into `out` (from its merge.json)."""
+    try:
+        listed = json.loads((out / "merge.json").read_text()).get("files")
+    except (OSError, ValueError):
+        listed = None
+    if listed is not None:
+        return list(listed)
+    return [p.name for p in out.iterdir()
+            if p.name in WRITTEN_BY_MERGE or (p.name.startswith("model-") and p.name.endswith(".safetensors"))]
 
 
 def choose_base(given: Optional[str], adapter: Adapter) -> Tuple[str, str]:
@@ -190,6 +213,8 @@ def choose_base(given: Optional[str], adapter: Adapter) -> Tuple[str, str]:
     if named.startswith(("/", ".", "~")) and not path.exists():
         raise UsageError(f"the adapter's base {named} does not exist (moved or deleted?); pass "
                          "model.name_or_path=<where that model is now>")
+    if path.exists():
+        check_model_path(named)  # whole weight files, before anything is loaded
     return named, "named by the adapter"
 
 
@@ -471,12 +496,20 @@ def clean_config(path: Path) -> List[str]:
 
 def write_atomically(out: Path, fill) -> None:
     """fill(tmp) builds the model directory in a temp dir next to `out`, which is then renamed into place
-    (replacing an empty or, with overwrite, an old one only at the end)."""
+    (replacing an empty or, with overwrite, an old one only at the end). Of an earlier merge's folder only what
+    that merge wrote is replaced: anything else the user put there is moved into the new folder first."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the merged model private to this user
     try:
         fill(tmp)
         if out.exists():
+            ours = set(written_by_merge(out)) if (out / "merge.json").is_file() else set()
+            for entry in out.iterdir():
+                if entry.name not in ours and not (tmp / entry.name).exists():
+                    os.replace(entry, tmp / entry.name)
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             old.rmdir()
             out.rename(old)
@@ -526,10 +559,14 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
     base, base_chosen = choose_base(cfg.model.name_or_path, adapter)
     protected = [adapter.path] + ([Path(base).expanduser().resolve()] if Path(base).expanduser().exists() else [])
     refuse_output(out, bool(cfg.overwrite), protected)
+    from ftk.paths import require_writable_dir
+
+    # The merged model is written to a temp folder next to output_dir and renamed: that folder must be writable
+    # now, not after the whole merge has been computed.
+    require_writable_dir(out.parent, f"output_dir={out}", "pass an output_dir=<folder you can write to>")
     if adapter.chosen != "given":
         say(f"adapter: {adapter.path} ({adapter.chosen})")
-    if out_chosen != "given":
-        say(f"output: {out} ({out_chosen})")
+    say(f"output: {out}" + (f" ({out_chosen})" if out_chosen != "given" else ""))
 
     import torch
     from transformers import AutoConfig
@@ -549,6 +586,9 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
     refuse_other_shape(adapter, base, base_config, trust)
     tokenizer = setup.load_tokenizer(str(adapter.path) if _has_tokenizer(adapter.path) else base, trust)
     refuse_other_vocabulary(adapter, base, tokenizer, trust)
+    from ftk import base_fingerprint
+
+    same_base = base_fingerprint.check(adapter.path, adapter.record, base, bool(cfg.allow_other_base), say)
 
     objective = objective_of(adapter, base_config)
     labels = labels_of(adapter) if objective is Objective.classification else []
@@ -613,17 +653,28 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
         "probe": {"batches": len(probe.batches), "batch_size": PROBE_BATCH_SIZE, "length": probe.length,
                   "seed": int(cfg.seed)},
         "quantization_error": q_error, "quantization": q_how or None,
-        "output_dir": str(out), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "base_fingerprint_matches": same_base, "output_dir": str(out), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__},
     }
     removed: List[str] = []
 
+    append_eos = bool(adapter.record.get("append_eos")) and not encoder
+    padding_side = adapter.record.get("padding_side", "right")
+    # What the model needs to be used as trained travels with it: ftk reads ftk_finetune.json, plain transformers
+    # the tokenizer (it appends the eos a decoder classifier reads its class from, and pads on the trained side).
+    record = {**adapter.record, "objective": objective.value, "labels": labels, "append_eos": append_eos,
+              "padding_side": padding_side, "quantized_base": False, "merged_from": str(adapter.path),
+              "adapter": None}
+    from ftk.data.tokenizer import as_trained
+
     def fill(tmp: Path) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        as_trained(tokenizer, append_eos, padding_side).save_pretrained(tmp)
         removed.extend(clean_config(tmp / "config.json"))
-        runs.write_json(tmp / "merge.json", {**facts, "config_keys_removed": removed})
+        runs.write_json(tmp / "ftk_finetune.json", record)
+        files = sorted(p.name for p in tmp.iterdir()) + ["merge.json"]
+        runs.write_json(tmp / "merge.json", {**facts, "config_keys_removed": removed, "files": files})
 
     write_atomically(out, fill)
 
@@ -640,7 +691,10 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
         say("QLoRA adapter: merged into the de-quantized (full-precision) base, not into 4-bit weights; the merged "
             "model's difference to the 4-bit-trained model is the quantization error, not a merge error"
             + (f": max |logit diff| {q_error:.2e} ({q_how})" if q_error is not None else f" ({q_how})"))
-    runs.print_summary(f"ftk merge-adapter: {out}", rows)
+    from ftk.paths import override
+
+    runs.print_summary(f"ftk merge-adapter: {out}", rows,
+                       [f"ftk evaluate {override('model.name_or_path', out)} data.path=<test data>"])
     return facts
 
 

@@ -70,7 +70,13 @@ def auto_class(objective: Any):
 def build_model(m: Any, objective: Objective, tokenizer: Any):
     """A freshly initialised transformers model of the configured family and shape (checked in schemas.validate)."""
     config = build_config(m, tokenizer)
-    return auto_class(objective).from_config(config, attn_implementation=m.attn_implementation)
+    try:
+        return auto_class(objective).from_config(config, attn_implementation=m.attn_implementation)
+    except ValueError as exc:
+        if "attn_implementation" not in str(exc):
+            raise
+        raise UsageError(f"model.attn_implementation={m.attn_implementation} is not supported by "
+                         f"{type(config).__name__}: {str(exc).strip().splitlines()[0][:300]}") from None
 
 
 def is_model_dir(path: Path) -> bool:
@@ -89,6 +95,41 @@ def check_model_path(name_or_path: str) -> None:
     if not is_model_dir(path):
         hint = " (it holds a final/ model: pass that)" if is_model_dir(path / "final") else ""
         raise UsageError(f"model.name_or_path={name_or_path} is not a model directory: no config.json{hint}")
+    import json
+
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # read by several loaders, each with its own traceback
+        raise UsageError(f"{path / 'config.json'} is damaged ({type(exc).__name__}: {str(exc)[:80]}); save or "
+                         "copy the model again") from None
+    check_weight_files(path)
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every *.safetensors in a local model or adapter folder is whole: its header parses and the file is
+    exactly as long as the header says. Cheap (headers only), and it turns the SafetensorError traceback
+    that transformers/peft raise deep inside loading into one line naming the file."""
+    import json
+    import struct
+
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        size = weights.stat().st_size
+        problem = None
+        try:
+            with open(weights, "rb") as f:
+                head = f.read(8)
+                header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if not 2 <= header_len <= size - 8:
+                    problem = f"{size:,} bytes, too short for its header"
+                else:
+                    header = json.loads(f.read(header_len))
+                    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                    if 8 + header_len + end != size:
+                        problem = f"{size:,} bytes where its header promises {8 + header_len + end:,} (truncated?)"
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            problem = f"unreadable header ({type(exc).__name__})"
+        if problem:
+            raise UsageError(f"{weights} is damaged: {problem}; save or copy the model again")
 
 
 def load_model(name_or_path: str, objective: Objective, *, attn_implementation: Optional[str] = None,

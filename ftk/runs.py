@@ -1,6 +1,9 @@
 """The run directory: where a run resumes from, what it records, and the summary it ends with.
 
-    <run>/.hydra/            the composed config (written by Hydra)
+    <run>/.hydra/            the composed config (written by Hydra; made the run's only once a command's checks
+                             pass, see ftk/run_claim.py)
+    <run>/.lock              held (flock) by the one process running in the directory
+    <run>/resumes.jsonl      changes a resume applied with train.accept_changes=true (ftk/resume_check.py)
     <run>/environment.json   every version needed to reproduce the run
     <run>/metrics.jsonl      one line per logging step (and per validation)
     <run>/checkpoints/       atomic, resumable checkpoints (see ftk/checkpoint.py)
@@ -11,12 +14,13 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ftk import checkpoint
 from ftk.errors import UsageError
@@ -35,23 +39,38 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / "final").is_dir() and (run_dir / "summary.json").is_file()
 
 
-def resume_point(run_dir: Path, resume: str) -> Optional[Path]:
-    """The checkpoint to continue from, or None for a fresh start; refuses to overwrite a finished run."""
+def _say(text: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank resolves the resume point; one says so
+        print(text, file=sys.stderr, flush=True)
+
+
+def resume_point(run_dir: Path, resume: str, say: Callable[[str], None] = _say) -> Optional[Path]:
+    """The checkpoint to continue from, or None for a fresh start; refuses to overwrite a finished run.
+    `auto` takes the newest checkpoint whose files all verify, saying which damaged ones it passed over."""
     resume = str(resume)
     if resume == "never":
         if is_finished(run_dir):
             raise UsageError(f"{run_dir} holds a finished run; pick a new hydra.run.dir, or continue it with "
                              "train.resume=auto")
-        if checkpoint.latest(run_dir / "checkpoints") is not None:
+        if checkpoint.step_dirs(run_dir / "checkpoints"):
             raise UsageError(f"{run_dir} holds checkpoints of an unfinished run; continue it with "
                              "train.resume=auto, or pick a new hydra.run.dir")
         return None
     if resume == "auto":
-        return checkpoint.latest(run_dir / "checkpoints")  # None: nothing saved yet, start fresh
+        for path in reversed(checkpoint.step_dirs(run_dir / "checkpoints")):
+            problem = checkpoint.damage(path)
+            if problem is None:
+                return path
+            say(f"checkpoint {path} is damaged ({problem}): skipping it, resuming from the newest intact one")
+        return None  # nothing (intact) saved yet: start fresh
     path = Path(resume).expanduser()
-    if not (path / "trainer_state.json").is_file():
+    if not (path / "trainer_state.json").is_file() and not (path / checkpoint.MANIFEST).is_file():
         raise UsageError(f"train.resume={resume} is not a complete checkpoint directory (no trainer_state.json); "
                          "pass train.resume=auto or a checkpoints/step-N folder")
+    problem = checkpoint.damage(path)
+    if problem is not None:
+        raise UsageError(f"train.resume={resume} is a damaged checkpoint ({problem}); pass another "
+                         "checkpoints/step-N folder, or train.resume=auto for the newest intact one")
     return path
 
 
@@ -113,13 +132,21 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def print_summary(title: str, rows: List[Tuple[str, str]]) -> None:
+def print_summary(title: str, rows: List[Tuple[str, str]], next_steps: Sequence[str] = ()) -> None:
+    """The closing table (stdout), then the commands that usually come next. Without a terminal (a log
+    file, a pipe) there is no width to fit, so nothing is cut with an ellipsis; on a terminal long values
+    wrap rather than lose their end."""
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(stderr=False, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=False, highlight=False, width=100_000)
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(justify="right", overflow="fold")
     for key, value in rows:
         table.add_row(key, value)
-    Console(stderr=False).print(table)
+    console.print(table)
+    for i, command in enumerate(next_steps):
+        console.print(("next: " if i == 0 else "      ") + command, soft_wrap=True)

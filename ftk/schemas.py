@@ -3,7 +3,8 @@
 Each YAML option in configs/<group>/ is merged onto one of these dataclasses, so Hydra rejects an
 unknown key, a wrong type or a value outside an Enum while composing, before any work starts.
 `register()` puts them in Hydra's ConfigStore; the primary configs name them first in their
-defaults lists. Cross-field checks that types cannot express live in `validate()`.
+defaults lists. Each numeric field declares its valid range next to its default (`ranged`, checked by
+ftk.ranges.check); cross-field checks that neither can express live in `validate()`.
 
 This module imports only omegaconf/hydra (no torch) so that composing a config stays fast.
 """
@@ -17,7 +18,9 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from ftk.errors import UsageError
+from ftk import ranges
 from ftk.objectives import table as objective_table
+from ftk.ranges import SEED_MAX, ranged
 
 
 class Family(str, Enum):
@@ -78,14 +81,14 @@ class ModelConfig:
     # is missing (model=pretrained without model.name_or_path) stops the run with a clear error.
     name_or_path: Optional[str] = MISSING
     family: Family = Family.gpt2
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: Optional[int] = None       # llama only: grouped-query attention; None = num_heads
-    intermediate_size: Optional[int] = None  # MLP width; None = 4 * hidden_size (llama: 8/3, rounded)
-    max_position_embeddings: int = 512       # longest sequence the model can see; train.seq_len must fit
-    vocab_size: int = 8192                   # size of the tokenizer trained from scratch
-    dropout: float = 0.0                     # 0 for pretraining at this scale; 0.1 is BERT's original
+    hidden_size: int = ranged(256, ge=1)
+    num_layers: int = ranged(4, ge=1)
+    num_heads: int = ranged(4, ge=1)
+    num_kv_heads: Optional[int] = ranged(None, ge=1)  # llama only: grouped-query attention; None = num_heads
+    intermediate_size: Optional[int] = ranged(None, ge=1)  # MLP width; None = 4 * hidden_size (llama: 8/3, rounded)
+    max_position_embeddings: int = ranged(512, ge=2)  # longest sequence the model can see; train.seq_len must fit
+    vocab_size: int = ranged(8192, ge=1)  # size of the tokenizer trained from scratch
+    dropout: float = ranged(0.0, ge=0, lt=1)  # 0 for pretraining at this scale; 0.1 is BERT's original
     tie_word_embeddings: bool = True         # share input and output embeddings (GPT-2 and BERT do)
     tokenizer: Optional[str] = None          # reuse this tokenizer (dir or hub name) instead of training one
     attn_implementation: str = "sdpa"        # sdpa (fused, default) | eager | flash_attention_2 (CUDA)
@@ -101,7 +104,7 @@ class DataConfig:
     # Every data option sets it (data=default to null); a missing one stops the run with a clear error.
     path: Optional[str] = MISSING
     validation_path: Optional[str] = None  # held-out file/folder/name; unset = hold out a share of documents
-    validation_fraction: float = 0.05      # share of documents held out when validation_path is unset
+    validation_fraction: float = ranged(0.05, gt=0, lt=1)  # share of documents held out when validation_path is unset
     text_column: str = "text"              # column holding the text in jsonl/csv/parquet/hub data
     label_column: str = "label"            # finetune objective=classification: column holding the class
     instruction_column: str = "instruction"  # finetune objective=sft: the instruction ...
@@ -110,9 +113,10 @@ class DataConfig:
     hub_config: Optional[str] = None       # hub datasets only: configuration name (e.g. wikitext-2-raw-v1)
     split: str = "train"                   # hub datasets only: split to train on
     validation_split: Optional[str] = None  # hub datasets only: split to validate on (e.g. validation)
-    max_documents: Optional[int] = None    # use only the first N documents (quick experiments)
-    train_examples: Optional[int] = None   # finetune classification: a seeded (train.seed), class-stratified
-                                           # sample of N training records, for learning curves; null = all
+    max_documents: Optional[int] = ranged(None, ge=1)  # use only the first N documents (quick experiments)
+    # finetune classification: a seeded (train.seed), class-stratified sample of N training records, for learning
+    # curves; null = all
+    train_examples: Optional[int] = ranged(None, ge=1)
     test_path: Optional[str] = None        # finetune classification: a test file scored once, with the final
                                            # (or best) model, after training: test_accuracy in summary.json
     cache_dir: Optional[str] = None        # tokenized-data cache; unset = $FTK_CACHE or ~/.cache/ftk
@@ -120,30 +124,33 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000          # optimizer steps
-    max_minutes: Optional[float] = None  # stop (saving final/) after this much wall time; unset = no limit
-    batch_size: int = 16           # sequences per optimizer step, over all devices (the global batch)
-    seq_len: int = 256             # tokens per sequence; must fit model.max_position_embeddings
-    lr: Optional[float] = 3e-4     # peak learning rate; finetune: null = the regime's default (regime.lr)
-    min_lr_ratio: float = 0.1      # final lr = min_lr_ratio * lr (cosine/linear)
-    warmup_steps: int = 100        # linear warmup from 0
+    max_steps: int = ranged(1000, ge=1)  # optimizer steps
+    # stop (saving final/) after this much wall time; unset = no limit
+    max_minutes: Optional[float] = ranged(None, gt=0)
+    batch_size: int = ranged(16, ge=1)  # sequences per optimizer step, over all devices (the global batch)
+    seq_len: int = ranged(256, ge=2)  # tokens per sequence; must fit model.max_position_embeddings
+    lr: Optional[float] = ranged(3e-4, gt=0)  # peak learning rate; finetune: null = the regime's default (regime.lr)
+    min_lr_ratio: float = ranged(0.1, ge=0, le=1)  # final lr = min_lr_ratio * lr (cosine/linear)
+    warmup_steps: int = ranged(100, ge=0)  # linear warmup from 0
     schedule: Schedule = Schedule.cosine
-    weight_decay: float = 0.1      # decoupled (AdamW); not applied to biases and norms
-    beta1: float = 0.9
-    beta2: float = 0.95            # 0.95 is the GPT-3/Llama choice; 0.999 is torch's default
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0     # gradient clipping; 0 disables it
-    log_every: int = 10            # steps between metrics.jsonl lines
-    eval_every: int = 200          # steps between validations; 0 = only at the end
-    eval_batches: int = 20         # validation batches per evaluation (0 = the whole validation set)
-    save_every: int = 500          # steps between checkpoints; 0 = only final/
-    keep_last: int = 2             # checkpoints kept; older ones are removed after a new one is complete
-    seed: int = 0                  # seeds init, data order and masking: the same seed gives the same losses
+    weight_decay: float = ranged(0.1, ge=0)  # decoupled (AdamW); not applied to biases and norms
+    beta1: float = ranged(0.9, ge=0, lt=1)
+    beta2: float = ranged(0.95, ge=0, lt=1)  # 0.95 is the GPT-3/Llama choice; 0.999 is torch's default
+    eps: float = ranged(1e-8, gt=0)
+    max_grad_norm: float = ranged(1.0, ge=0)  # gradient clipping; 0 disables it
+    log_every: int = ranged(10, ge=1)  # steps between metrics.jsonl lines
+    eval_every: int = ranged(200, ge=0)  # steps between validations; 0 = only at the end
+    eval_batches: int = ranged(20, ge=0)  # validation batches per evaluation (0 = the whole validation set)
+    save_every: int = ranged(500, ge=0)  # steps between checkpoints; 0 = only final/
+    keep_last: int = ranged(2, ge=1)  # checkpoints kept; older ones are removed after a new one is complete
+    seed: int = ranged(0, ge=0, le=SEED_MAX)  # seeds init, data order and masking: the same seed gives the same losses
     resume: str = "never"          # never | auto (newest complete checkpoint in the run dir) | a checkpoint dir
+    accept_changes: bool = False   # resume with other model/data/objective/regime/optimizer/batch settings than the
+                                   # checkpoint's: applied from its step on, recorded in resumes.jsonl
     on_nonfinite: OnNonFinite = OnNonFinite.stop
-    max_skipped_batches: int = 10  # with on_nonfinite=skip: stop after this many skipped batches
-    early_stopping_patience: int = 0  # stop after this many validations without a better loss, keeping
-                                      # the best model as final/; 0 = train all steps
+    max_skipped_batches: int = ranged(10, ge=1)  # with on_nonfinite=skip: stop after this many skipped batches
+    # stop after this many validations without a better loss, keeping the best model as final/; 0 = train all steps
+    early_stopping_patience: int = ranged(0, ge=0)
 
 
 @dataclass
@@ -151,15 +158,19 @@ class HardwareConfig:
     name: str = "auto"
     device: Device = Device.auto
     precision: Precision = Precision.auto
-    micro_batch_size: Optional[int] = None  # sequences per forward per device; the rest is gradient accumulation
+    # sequences per forward per device; the rest is gradient accumulation
+    micro_batch_size: Optional[int] = ranged(None, ge=1)
     gradient_checkpointing: bool = False    # recompute activations in backward: less memory, ~30% more compute
     optimizer: Optimizer = Optimizer.auto
     compile: Optional[bool] = None          # torch.compile the model; None = on for runs long enough to pay off
+    compile_backend: str = "inductor"       # torch.compile backend: inductor (fast kernels), aot_eager or eager
+                                            # (no code generation: what the CPU tests use to exercise compile)
     matmul_attention: Optional[bool] = None  # CPU bf16: attention as bf16 matmuls, not torch's slower CPU flash
                                              # kernel (see ftk.cpu_attention); None = on wherever that applies
     strategy: Strategy = Strategy.auto
-    num_threads: Optional[int] = None       # CPU threads for torch; None = torch's default (all cores)
-    memory_budget_gb: Optional[float] = None  # per device; None = detected (GPU memory, or 80% of RAM on CPU)
+    num_threads: Optional[int] = ranged(None, ge=1)  # CPU threads for torch; None = torch's default (all cores)
+    # per device; None = detected (GPU memory, or 80% of RAM on CPU)
+    memory_budget_gb: Optional[float] = ranged(None, gt=0)
     check_memory: bool = True               # run the memory planner before loading and stop if the run cannot fit
 
 
@@ -168,10 +179,10 @@ class ForgettingConfig:
     """How much general knowledge survives fine-tuning, and what holds it."""
 
     data_path: Optional[str] = None     # general text: perplexity of base and fine-tuned model on it
-    max_blocks: int = 64                # blocks of train.seq_len tokens evaluated from data_path
-    replay_fraction: float = 0.0        # share of each batch drawn from replay data (LM loss on it)
+    max_blocks: int = ranged(64, ge=1)  # blocks of train.seq_len tokens evaluated from data_path
+    replay_fraction: float = ranged(0.0, ge=0, lt=1)  # share of each batch drawn from replay data (LM loss on it)
     replay_path: Optional[str] = None   # replay text; null = the base run's pretraining data (or data_path)
-    l2sp: float = 0.0                   # L2-SP: alpha/2 * ||w - w_pretrained||^2 on trainable pretrained weights
+    l2sp: float = ranged(0.0, ge=0)  # L2-SP: alpha/2 * ||w - w_pretrained||^2 on trainable pretrained weights
 
 
 @dataclass
@@ -198,6 +209,9 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore (called by each recipe before Hydra composes)."""
     from hydra.core.config_store import ConfigStore
 
+    from ftk.paths import register_resolvers
+
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
@@ -224,59 +238,46 @@ def validate(cfg: Any) -> None:
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     _require(not missing, f"{missing[0] if missing else ''} is required: pass {missing[0] if missing else ''}=...")
+    ranges.check(cfg)  # every numeric field against the range declared next to its default
     t, m, o = cfg.train, cfg.model, cfg.objective
-    _require(t.max_steps > 0, f"train.max_steps must be positive, got {t.max_steps}")
-    _require(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
-    _require(t.seq_len > 1, f"train.seq_len must be at least 2, got {t.seq_len}")
-    _require(t.lr is None or t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _require(t.lr is not None or "regime" in cfg, "train.lr is required: pass train.lr=...")
-    _require(t.early_stopping_patience >= 0,
-             f"train.early_stopping_patience must be >= 0, got {t.early_stopping_patience}")
-    _require(0 <= t.warmup_steps, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-    _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    _require(t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}")
-    _require(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
-    for key in ("eval_every", "save_every", "eval_batches"):
-        _require(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
-    _require(0.0 < cfg.data.validation_fraction < 1.0,
-             f"data.validation_fraction must be in (0, 1), got {cfg.data.validation_fraction}")
     if m.name_or_path is None and "regime" not in cfg:  # built from scratch (finetune: null = newest run)
         _require(t.seq_len <= m.max_position_embeddings,
                  f"train.seq_len={t.seq_len} is larger than model.max_position_embeddings="
                  f"{m.max_position_embeddings}; lower train.seq_len or raise model.max_position_embeddings")
         _require(m.hidden_size % m.num_heads == 0,
-                 f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+                 f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; pick a "
+                 "hidden_size that is a multiple of num_heads")
+        if Family(m.family) is Family.llama:  # rotary embeddings rotate pairs; grouped-query heads share kv heads
+            _require((m.hidden_size // m.num_heads) % 2 == 0,
+                     f"model.hidden_size / model.num_heads = {m.hidden_size // m.num_heads} must be even for llama "
+                     "(rotary embeddings rotate pairs of dimensions)")
+            kv = m.num_kv_heads or m.num_heads
+            _require(kv <= m.num_heads and m.num_heads % kv == 0,
+                     f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={kv}; pick "
+                     "num_kv_heads that divides num_heads")
         encoder = Family(m.family) in (Family.bert, Family.roberta)
         if not objective_table.fits(o.name, encoder):
             kind, fix = (("an encoder", "objective=mlm, or a decoder (model=gpt-tiny, model=llama-tiny)") if encoder
                          else ("a decoder", "objective=clm, or an encoder (model=bert-tiny, model=bert-small)"))
             raise UsageError(f"model.family={Family(m.family).value} is {kind} and cannot be trained with "
                              f"objective={o.name}; use {fix}")
-    out_of_range = objective_table.check_settings(o)
-    _require(out_of_range is None, out_of_range or "")
+    if "mask_replace_prob" in o:
+        _require(o.mask_replace_prob + o.random_replace_prob <= 1.0,
+                 "objective.mask_replace_prob + objective.random_replace_prob must be at most 1")
     resume = str(t.resume)
     _require(resume in ("never", "auto") or bool(resume), "train.resume must be never, auto or a checkpoint dir")
-    hw = cfg.hardware
-    _require(hw.micro_batch_size is None or hw.micro_batch_size > 0,
-             f"hardware.micro_batch_size must be positive, got {hw.micro_batch_size}")
     _require(objective_table.facts(o.name).pretraining or "regime" in cfg,
              f"objective={o.name} is a fine-tuning objective; use `ftk finetune objective={o.name}`")
 
 
 def validate_finetune(cfg: Any) -> None:
     """validate() plus the fine-tuning fields."""
-    from ftk.regimes.table import check_settings, facts
+    from ftk.regimes.table import facts
 
     validate(cfg)
     r, f = cfg.regime, cfg.forgetting
-    out_of_range = check_settings(r)
-    _require(out_of_range is None, out_of_range or "")
-    _require(0.0 <= f.replay_fraction < 1.0, f"forgetting.replay_fraction must be in [0, 1), got {f.replay_fraction}")
-    _require(f.l2sp >= 0.0, f"forgetting.l2sp must be >= 0, got {f.l2sp}")
-    _require(f.max_blocks > 0, f"forgetting.max_blocks must be positive, got {f.max_blocks}")
     d = cfg.data
-    _require(d.train_examples is None or d.train_examples > 0,
-             f"data.train_examples must be positive (or null for all), got {d.train_examples}")
     classification = objective_table.facts(cfg.objective.name).data == "labelled"
     for key in ("train_examples", "test_path"):
         _require(getattr(d, key) is None or classification,
@@ -306,12 +307,13 @@ class MergeConfig:
     output_dir: Optional[str] = None    # null: <adapter run dir>/merged
     model: MergeModelConfig = field(default_factory=MergeModelConfig)
     dtype: str = "fp32"                 # weights of the merged model: fp32 | bf16 | fp16
-    tolerance: Optional[float] = None   # max |logit difference| merged vs base+adapter; null = 1e-4 (fp32),
-                                        # 1e-2 (bf16/fp16)
-    overwrite: bool = False             # replace a non-empty output_dir
-    probe_batches: int = 2              # batches of seeded random token ids the merged model is checked on
-    probe_len: int = 32                 # tokens per probe sequence (capped by the model's positions)
-    seed: int = 0                       # seeds the probe inputs
+    # max |logit difference| merged vs base+adapter; null = 1e-4 (fp32), 1e-2 (bf16/fp16)
+    tolerance: Optional[float] = ranged(None, gt=0)
+    overwrite: bool = False             # replace an earlier merge in output_dir (files it did not write stay)
+    allow_other_base: bool = False      # merge into a base whose weights are not those the adapter was trained on
+    probe_batches: int = ranged(2, ge=1)  # batches of seeded random token ids the merged model is checked on
+    probe_len: int = ranged(32, ge=2)  # tokens per probe sequence (capped by the model's positions)
+    seed: int = ranged(0, ge=0, le=SEED_MAX)  # seeds the probe inputs
 
 
 def register_merge() -> None:

@@ -46,7 +46,7 @@ def start(cfg: Any, run_dir: Path) -> Session:
     # torch.compile through accelerate: prepare() wraps the model; inductor caches compiled kernels on disk,
     # so a second run of the same shapes compiles much faster. The plan turns it on only where it pays off.
     accelerator = Accelerator(cpu=plan.device == "cpu", mixed_precision=ACCELERATE_PRECISION[plan.precision],
-                              dynamo_backend="inductor" if plan.compile else "no", fsdp_plugin=fsdp_plugin)
+                              dynamo_backend=cfg.hardware.compile_backend if plan.compile else "no", fsdp_plugin=fsdp_plugin)
     if launched_env is None:
         os.environ.pop("ACCELERATE_USE_FSDP", None)
     else:
@@ -62,6 +62,7 @@ def start(cfg: Any, run_dir: Path) -> Session:
         if accelerator.is_main_process:
             console.print(text)
 
+    say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
     if note:
         say(note)
     if accelerator.is_main_process:
@@ -179,7 +180,7 @@ def _fsdp_on_cpu(accelerator: Any, plugin: Any) -> None:
 
 def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary: Dict[str, Any], title: str,
            extra_json: Optional[Dict[str, Dict[str, Any]]] = None,
-           extra_rows: Sequence[Tuple[str, str]] = ()) -> None:
+           extra_rows: Sequence[Tuple[str, str]] = (), next_steps: Sequence[str] = ()) -> None:
     """Write final/ (Hugging Face format, or a PEFT adapter) and the summary; rank 0 only."""
     accelerator = session.accelerator
     accelerator.wait_for_everyone()
@@ -195,7 +196,7 @@ def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary:
     final = run_dir / "final"
     tmp = run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-    accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True,
+    accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, safe_serialization=True,
                                                     **({"state_dict": gathered.model} if gathered else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -225,4 +226,4 @@ def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary:
                  ("validation accuracy", f"{summary['final_eval_accuracy']:.2%}")]
     rows += list(extra_rows)
     rows.append(("saved", str(final)))
-    runs.print_summary(f"ftk {title}: {run_dir}", rows)
+    runs.print_summary(f"ftk {title}: {run_dir}", rows, next_steps)

@@ -28,6 +28,7 @@ from ftk.checkpoint import TrainState
 from ftk.cpu_attention import use_matmul_attention
 from ftk.data.sampler import BlockStream
 from ftk.errors import NumericError, Preempted
+from ftk.grad_sync import LateUnfrozenSync
 from ftk.schemas import OnNonFinite
 from ftk.hardware import Plan, use_fused_kernels
 from ftk.optim import build_optimizer, build_scheduler
@@ -101,12 +102,11 @@ def _inputs(objective: Any, batch: Any, seed: int, device: torch.device) -> Dict
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, flushed as written; trimmed on resume."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int]):
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
         self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.exists():
+        if enabled and path.exists():
             # Lines past the checkpoint belong to steps that will be run again: drop them.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)
@@ -120,6 +120,28 @@ class MetricsLog:
     def close(self) -> None:
         if self._handle:
             self._handle.close()
+
+
+def _step_of(line: str) -> float:
+    """The step a metrics line records; a line cut short by a kill counts as past any checkpoint (dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
+
+
+def validation_sums(model: Any, objective: Any, inputs: Dict[str, torch.Tensor], device: Any) -> torch.Tensor:
+    """(loss sum, target count, correct predictions) of one validation batch, as one float64 tensor on `device`.
+
+    Each part is moved to `device` before stacking: an objective may count on the host (a 0-dim CPU tensor
+    is fine in arithmetic with CUDA tensors, but torch.stack refuses to mix devices)."""
+    if hasattr(objective, "eval_sums"):  # task objectives also count correct predictions
+        sums = objective.eval_sums(model, inputs)
+        parts = (sums["loss_sum"], sums["count"], sums["correct"])
+    else:
+        loss_sum, count = objective.loss(model, inputs)
+        parts = (loss_sum, count, torch.zeros(()))
+    return torch.stack([torch.as_tensor(p).to(device=device, dtype=torch.float64) for p in parts])
 
 
 @torch.no_grad()
@@ -137,14 +159,7 @@ def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit:
             continue
         mine += 1
         inputs = _inputs(objective, batch, step_seed(seed, i, 0, stream=1), accelerator.device)
-        if hasattr(objective, "eval_sums"):  # task objectives also count correct predictions
-            sums = objective.eval_sums(model, inputs)
-            total += torch.stack([sums["loss_sum"].double(), sums["count"].double(),
-                                  sums["correct"].double()]).to(total.device)
-        else:
-            loss_sum, count = objective.loss(model, inputs)
-            total += torch.stack([loss_sum.double(), count.double().to(loss_sum.device),
-                                  torch.zeros((), dtype=torch.float64, device=loss_sum.device)]).to(total.device)
+        total += validation_sums(model, objective, inputs, total.device)
     if checkpoint.sharded(accelerator) and first is not None:
         # FSDP gathers each block's weights with every rank, so all ranks must run the same number of forwards:
         # a rank that had one batch fewer repeats the first one and drops the result.
@@ -161,12 +176,16 @@ def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit:
 def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg: Any, plan: Plan,
         accelerator: Any, run_dir: Path, resume_from: Optional[Path] = None,
         callbacks: Iterable[Callback] = (), extra_loss: Optional[Callable[[Any, int], torch.Tensor]] = None,
-        lr_multiplier: Optional[Callable[[int], float]] = None, started_at: Optional[float] = None) -> LoopResult:
+        lr_multiplier: Optional[Callable[[int], float]] = None, started_at: Optional[float] = None,
+        settings: Optional[Dict[str, Any]] = None, apply_changes: bool = False) -> LoopResult:
     """Train `model` for train_cfg.max_steps optimizer steps; returns the final state and metrics.
 
     Regimes plug in through `callbacks` (called before each step, e.g. to unfreeze layers),
     `lr_multiplier` (a factor on the schedule by step) and `extra_loss(model, step)` (a penalty or
     replay loss added to the task loss once per step).
+    `settings` (ftk.resume_check) are stored in every checkpoint; `apply_changes`: the user accepted settings
+    that differ from the checkpoint's, so the optimizer's hyperparameters and the schedule's peak lr are this
+    command's, not the checkpoint's.
     """
     t = train_cfg
     main = accelerator.is_main_process
@@ -177,12 +196,16 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
         checkpoint.load_model_weights(model, resume_from / "model")
+    if settings is not None:
+        state.extra["settings"] = settings
 
     use_fused_kernels(model)  # the same functions in fused kernels (GPT-2's gelu_new): see ftk.hardware
     if plan.matmul_attention:
         use_matmul_attention(model)  # CPU bf16: SDPA's flash kernel is slower than matmuls; see ftk.cpu_attention
     optimizer = build_optimizer(model, t, plan.optimizer, plan.device)
     scheduler = build_scheduler(optimizer, t, lr_multiplier)
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    fresh_base_lrs = list(scheduler.base_lrs)
     # Under FSDP, prepare() shards the model (weights loaded above, on every rank, are cut into shards) and
     # points the optimizer at the shards; its state is then restored shard by shard.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -192,6 +215,8 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
         scheduler.load_state_dict(sched["scheduler"])
         if sched.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(sched["scaler"])
+        if apply_changes:
+            _apply_hyperparameters(optimizer, scheduler, fresh_groups, fresh_base_lrs)
 
     per_process = plan.micro_batch_size * plan.grad_accum
     global_batch = per_process * world
@@ -200,10 +225,15 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
     # gradient accumulation, and so are the losses; each micro-batch is a slice of one sorted group.
     stream = source.stream(t.seed, global_batch) if hasattr(source, "stream") else \
         BlockStream(source.n_train, t.seed)
-    log = MetricsLog(run_dir / "metrics.jsonl", main, state.step if resume_from is not None else None)
+    # Trimmed to the step training restarts from, also 0: a run killed before its first checkpoint starts over,
+    # and its lines would otherwise appear twice.
+    log = MetricsLog(run_dir / "metrics.jsonl", main, state.step)
     progress = TrainingProgress(t.max_steps, state.step, enabled=main)
     result = LoopResult(state=state)
-    unwrapped = accelerator.unwrap_model(model)
+    # The model itself, not torch.compile's wrapper (whose parameter names start with `_orig_mod.`): regimes
+    # unfreeze, L2-SP anchors and best/ are all by the model's own parameter names.
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    late_grads = LateUnfrozenSync(model, unwrapped)  # DDP averages only what trained when it was wrapped
     callbacks = list(callbacks)
     patience = getattr(t, "early_stopping_patience", 0)
     best_dir = run_dir / "best"
@@ -215,7 +245,8 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
             path = checkpoint.save(checkpoints_dir, state, unwrapped, tokenizer, optimizer, scheduler,
                                    accelerator.scaler, t.keep_last, gathered=gathered)
         accelerator.wait_for_everyone()
-        return path or checkpoint.latest(checkpoints_dir) or checkpoints_dir
+        # Other ranks name the newest folder without verifying it (hashing every file would stall them).
+        return path or (checkpoint.step_dirs(checkpoints_dir) or [checkpoints_dir])[-1]
 
     model.train()
     window_start, window_tokens, window_loss, window_count = time.perf_counter(), 0, 0.0, 0.0
@@ -256,6 +287,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                 totals = accelerator.reduce(torch.stack([step_loss, torch.tensor(float(step_tokens), dtype=torch.float64,
                                                                                   device=step_loss.device)]),
                                             reduction="sum")
+                late_grads()
                 step_loss = totals[0] / global_count
                 loss_value = step_loss.item()
                 step_tokens_global = int(totals[1].item())
@@ -269,6 +301,11 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                 grad_fault = grad_norm is not None and not math.isfinite(grad_norm) and plan.precision != "fp16"
                 if not math.isfinite(loss_value) or grad_fault:
                     optimizer.zero_grad(set_to_none=True)
+                    if accelerator.scaler is not None:
+                        # fp16: clipping has unscaled this step's gradients, and only the scaler's update() clears
+                        # that mark (optimizer.step() is not called); lower the scale as for an overflow.
+                        scaler = accelerator.scaler
+                        scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
                     state.skipped_batches += 1
                     what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
                     if OnNonFinite(t.on_nonfinite) is OnNonFinite.stop:
@@ -326,6 +363,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                     progress.message(f"step {state.step}: validation " + ", ".join(
                         f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
                     result.final_eval = metrics
+                    state.extra["last_eval"] = {"step": state.step, **metrics}  # survives a kill after the last step
                     window_start = time.perf_counter()  # tokens/s measures training, not validation
                     if patience:
                         stop_early = _early_stopping(state, metrics, patience, unwrapped, best_dir, main)
@@ -356,8 +394,29 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
         accelerator.wait_for_everyone()
         checkpoint.load_model_weights(unwrapped, best_dir)  # final/ is the best model, not the last
         result.final_eval = dict(state.extra["best_eval"])
+    if not result.final_eval:
+        # Resumed from the final checkpoint (killed while final/ was written): no step ran, so no validation did;
+        # the figures of that step are in the checkpoint, or are measured again.
+        last = state.extra.get("last_eval") or {}
+        if last.get("step") == state.step:
+            result.final_eval = {k: v for k, v in last.items() if k != "step"}
+        elif state.step > 0:
+            result.final_eval = evaluate(model, objective, source, plan.micro_batch_size, t.eval_batches, t.seed,
+                                         accelerator)
     save()  # the final state as a checkpoint too: `train.resume=auto train.max_steps=<more>` continues it
     return result
+
+
+def _apply_hyperparameters(optimizer: Any, scheduler: Any, groups: List[Dict[str, Any]],
+                           base_lrs: List[float]) -> None:
+    """Loading a checkpoint's optimizer and scheduler brings back its lr, betas, eps and weight decay; put this
+    command's back (the moments and the step count stay the checkpoint's) and set the lr of the coming step."""
+    for group, fresh in zip(optimizer.param_groups, groups):
+        group.update({k: v for k, v in fresh.items() if k != "lr"})
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _early_stopping(state: TrainState, metrics: Dict[str, float], patience: int, model: Any, best_dir: Path,

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from ftk import schemas
 from ftk.errors import UsageError, reported
+from ftk.ranges import ranged
 
 
 WEIGHTS = ("ftk", "16bit")  # as ftk holds them | the published tables' convention (16-bit + fp32 master copy)
@@ -26,7 +27,7 @@ WEIGHTS = ("ftk", "16bit")  # as ftk holds them | the published tables' conventi
 class EstimateOptions:
     weights: str = "ftk"           # ftk: fp32 built from scratch, a checkpoint in its saved dtype, autocast on top
                                    # 16bit: 16-bit weights + an fp32 master copy of the trainable ones
-    devices: Optional[int] = None  # devices to plan for; None: WORLD_SIZE, or the visible GPUs with ddp/fsdp
+    devices: Optional[int] = ranged(None, ge=1)  # devices to plan for; None: WORLD_SIZE, or the visible GPUs (ddp/fsdp)
 
 
 @dataclass

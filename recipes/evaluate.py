@@ -29,7 +29,9 @@ def main(cfg: DictConfig) -> None:
 
 def evaluate(cfg: DictConfig) -> dict:
     started = time.time()
-    from ftk import runs
+    from ftk import ranges, runs
+
+    ranges.check(cfg)  # numeric fields against the ranges declared in the schema
     from ftk.evaluation import loading
     from ftk.evaluation.schema import EvalKind
 
@@ -84,7 +86,12 @@ def _perplexity(cfg, target, device, say) -> dict:
         say(f"masked LM on {where}: accuracy {out['masked']['masked_accuracy']:.2%}, loss "
             f"{out['masked']['masked_loss']:.4f}")
         if cfg.compare_to:
-            other, _ = loading.language_model(loading.resolve_path(cfg.compare_to), cfg, tokenizer_from=target)
+            other_target = loading.resolve_path(cfg.compare_to)
+            if not loading.same_tokenizer(tokenizer, other_target, cfg):
+                raise UsageError(f"compare_to={cfg.compare_to} has another tokenizer than {target.model_path}: "
+                                 "masked-token perplexities over different tokens are not comparable; compare "
+                                 "models that share a tokenizer")
+            other, _ = loading.language_model(other_target, cfg, tokenizer_from=target)
             theirs = perplexity.masked_lm(other.to(device), blocks, tokenizer, cfg.eval.batch_size, cfg.eval.seed,
                                           device, False)
             out["compare"] = _change(cfg.compare_to, theirs["masked_perplexity"], out["masked"]["masked_perplexity"])
@@ -95,7 +102,11 @@ def _perplexity(cfg, target, device, say) -> dict:
     say(f"perplexity on {where}: {out['causal']['perplexity']:.3f} ({out['causal']['tokens']:,} tokens, "
         f"context {context}, stride {stride})")
     if cfg.compare_to:
-        other, _ = loading.language_model(loading.resolve_path(cfg.compare_to), cfg, tokenizer_from=target)
+        other_target = loading.resolve_path(cfg.compare_to)
+        if not loading.same_tokenizer(tokenizer, other_target, cfg):
+            out["compare"] = _other_tokenizer(cfg, other_target, docs, out["causal"], context, stride, device, say)
+            return out
+        other, _ = loading.language_model(other_target, cfg, tokenizer_from=target)
         theirs = perplexity.causal_perplexity(other.to(device), ids, context, stride, cfg.eval.batch_size, device)
         out["compare"] = _change(cfg.compare_to, theirs["perplexity"], out["causal"]["perplexity"])
         say(f"compare_to {cfg.compare_to}: perplexity {theirs['perplexity']:.3f} -> "
@@ -103,9 +114,34 @@ def _perplexity(cfg, target, device, say) -> dict:
     return out
 
 
+def _other_tokenizer(cfg, other_target, docs, this: dict, context: int, stride: int, device, say) -> dict:
+    """compare_to a model with another tokenizer: a perplexity is per token, and its tokens are others, so the
+    ratio of perplexities means nothing. Bits per byte of the same text are comparable: each model reads the
+    whole text through its own tokenizer (a cap on tokens would cut the text at different places)."""
+    from ftk.evaluation import loading, perplexity
+
+    if cfg.eval.max_tokens:
+        raise UsageError(f"compare_to={cfg.compare_to} has another tokenizer: perplexities are not comparable, "
+                         "and bits per byte need the whole text read by both models; drop eval.max_tokens "
+                         "(or shorten data.path)")
+    other, other_tokenizer = loading.language_model(other_target, cfg)
+    other_ids = loading.token_stream(docs, other_tokenizer, None)
+    other_context = min(context, loading.positions(other))
+    theirs = perplexity.causal_perplexity(other.to(device), other_ids, other_context,
+                                          min(stride, other_context), cfg.eval.batch_size, device)
+    text_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
+    this["bits_per_byte"] = perplexity.bits_per_byte(this, text_bytes)
+    reference_bpb = perplexity.bits_per_byte(theirs, text_bytes)
+    say(f"compare_to {cfg.compare_to}: another tokenizer, so perplexities are not comparable (no ratio); bits per "
+        f"byte {reference_bpb:.4f} -> {this['bits_per_byte']:.4f}")
+    return {"model": cfg.compare_to, "same_tokenizer": False, "reference_ppl": theirs["perplexity"],
+            "this_ppl": this["perplexity"], "change": None, "ratio": None, "reference_bpb": reference_bpb,
+            "this_bpb": this["bits_per_byte"], "bpb_ratio": this["bits_per_byte"] / reference_bpb}
+
+
 def _change(other: str, reference: float, this: float) -> dict:
-    return {"model": other, "reference_ppl": reference, "this_ppl": this, "change": this - reference,
-            "ratio": this / reference}
+    return {"model": other, "same_tokenizer": True, "reference_ppl": reference, "this_ppl": this,
+            "change": this - reference, "ratio": this / reference}
 
 
 def _classification(cfg, target, device, say) -> dict:

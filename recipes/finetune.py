@@ -16,18 +16,25 @@ from ftk import schemas
 from ftk.errors import UsageError, reported
 
 SCHEMA = schemas.FinetuneConfig
+CLAIMS_RUN_DIR = True  # one run at a time per run dir; .hydra/ written only once checks pass
 schemas.register()
 
 
 @hydra.main(version_base=None, config_path="pkg://ftk.configs", config_name="finetune")
 @reported
 def main(cfg: DictConfig) -> None:
-    finetune(cfg)
+    from ftk import run_claim, runs
+
+    with run_claim.held(runs.output_dir()):
+        finetune(cfg)
 
 
 def finetune(cfg: DictConfig) -> dict:
     started = time.time()
     schemas.validate_finetune(cfg)
+    from ftk.paths import require_writable_cache
+
+    require_writable_cache(cfg.data.cache_dir)  # tokenized data and the embedded task are cached there
     from ftk import regimes
     from ftk.objectives.table import facts as objective_facts
     from ftk.regimes.table import facts
@@ -39,13 +46,20 @@ def finetune(cfg: DictConfig) -> dict:
         raise UsageError(f"forgetting.l2sp has no effect under regime={regime.name}: its pretrained weights are "
                          "frozen already; drop forgetting.l2sp or pick a regime that trains them")
 
-    from ftk import finetune_setup as setup, forgetting, runs, session as sessions, train
+    from ftk import finetune_setup as setup, forgetting, resume_check, run_claim, runs, session as sessions, train
     from ftk.models import count_parameters
     from ftk.peak_memory import PeakMemory
 
     run_dir = runs.output_dir()
     resume_from = runs.resume_point(run_dir, cfg.train.resume)
     base, chosen = setup.choose_base(cfg.model.name_or_path)
+    from ftk.base_fingerprint import fingerprint
+
+    # The base's weights, not its path, identify it: merge-adapter and evaluate check an adapter's base by this.
+    base_fingerprint = None if cfg.model.random_init else fingerprint(base)
+    settings = resume_check.settings(cfg, **{"model.weights (fingerprint)": base_fingerprint})
+    changed = resume_check.check(resume_from, settings, cfg.train.accept_changes, run_dir) if resume_from else {}
+    run_claim.adopt_config(run_dir)  # every check passed: this config is now the run's
     if cfg.train.lr is None:
         cfg.train.lr = cfg.regime.lr
     session = sessions.start(cfg, run_dir)
@@ -79,7 +93,8 @@ def finetune(cfg: DictConfig) -> dict:
     say(f"regime {regime.name}: {prepared.note}; trainable {trainable:,} of {total:,} parameters "
         f"({trainable / max(total, 1):.2%}); lr {cfg.train.lr:g}")
     if resume_from is not None:
-        say(f"resuming from {resume_from}")
+        say(f"resuming from {resume_from}" + (" with train.accept_changes=true: "
+                                                  + resume_check.describe(changed) if changed else ""))
 
     general = None
     lm_objective = setup.lm_objective(base_config)
@@ -103,9 +118,10 @@ def finetune(cfg: DictConfig) -> dict:
                            source=data.source, train_cfg=cfg.train, plan=session.plan,
                            accelerator=session.accelerator, run_dir=run_dir, resume_from=resume_from,
                            callbacks=prepared.callbacks, extra_loss=forgetting.combine(replay, l2sp),
-                           lr_multiplier=prepared.lr_multiplier, started_at=started)
+                           lr_multiplier=prepared.lr_multiplier, started_at=started, settings=settings,
+                           apply_changes=bool(changed))
 
-    unwrapped = session.accelerator.unwrap_model(model)
+    unwrapped = session.accelerator.unwrap_model(model, keep_torch_compile=False)
     trainable_end, _ = count_parameters(unwrapped)  # gradual_unfreeze / head_then_full end with more than they start
     forgetting_result = {}
     if general is not None:
@@ -151,16 +167,32 @@ def finetune(cfg: DictConfig) -> dict:
               "labels": data.labels,
               "adapter": prepared.adapter, "quantized_base": regime.quantized,
               "append_eos": data.append_eos, "seq_len": cfg.train.seq_len,
-              "padding_side": padding_side}
+              "padding_side": padding_side, "base_fingerprint": base_fingerprint}
     rows = [("regime", regime.name + (" (from random initialisation)" if cfg.model.random_init else "")),
             ("peak memory (added)", f"{memory.added / 2**20:,.0f} MiB")]
     if test_result:
         rows.append(("test accuracy", f"{test_result['test_accuracy']:.2%}"))
     if forgetting_result:
         rows.append(("general-text perplexity", f"{base_ppl:.2f} -> {forgetting_result['finetuned_ppl']:.2f}"))
-    sessions.finish(session, run_dir, model, tokenizer, summary, "finetune", extra_json={"ftk_finetune.json": record},
-                    extra_rows=rows)
+    from ftk.data.tokenizer import as_trained
+
+    # final/ is used as trained by plain transformers too: its tokenizer adds the eos, pads on the trained side.
+    sessions.finish(session, run_dir, model, as_trained(tokenizer, data.append_eos, padding_side), summary,
+                    "finetune", extra_json={"ftk_finetune.json": record},
+                    extra_rows=rows, next_steps=_next_steps(run_dir / "final", regime, prepared.adapter))
     return summary
+
+
+def _next_steps(final: Path, regime, adapter: bool) -> list:
+    """The commands that use what the run saved (`regime`: its row in ftk/regimes/table.py)."""
+    from ftk.paths import override
+
+    if not adapter:
+        return [f"ftk evaluate {override('model.name_or_path', final)} data.path=<test data>"]
+    steps = [f"ftk evaluate {override('adapter_path', final)} data.path=<test data>"]
+    if regime.mergeable:  # a soft prompt (prompt_tuning) cannot be merged into weights
+        steps.append(f"ftk merge-adapter {override('adapter_path', final)}   # one standalone model, no peft needed")
+    return steps
 
 
 def _objective(cfg: DictConfig, tokenizer):

@@ -14,25 +14,35 @@ from ftk import schemas
 from ftk.errors import reported
 
 SCHEMA = schemas.PretrainConfig
+CLAIMS_RUN_DIR = True  # one run at a time per run dir; .hydra/ written only once checks pass
 schemas.register()
 
 
 @hydra.main(version_base=None, config_path="pkg://ftk.configs", config_name="pretrain")
 @reported
 def main(cfg: DictConfig) -> None:
-    pretrain(cfg)
+    from ftk import run_claim, runs
+
+    with run_claim.held(runs.output_dir()):
+        pretrain(cfg)
 
 
 def pretrain(cfg: DictConfig) -> dict:
     started = time.time()
     schemas.validate(cfg)
+    from ftk.paths import require_writable_cache
 
-    from ftk import lm_setup, runs, session as sessions, train
+    require_writable_cache(cfg.data.cache_dir)  # the tokenizer and token blocks are cached there
+
+    from ftk import lm_setup, resume_check, run_claim, runs, session as sessions, train
     from ftk.models import count_parameters
 
     lm_setup.check_pretrained(cfg)
     run_dir = runs.output_dir()
     resume_from = runs.resume_point(run_dir, cfg.train.resume)
+    settings = resume_check.settings(cfg)
+    changed = resume_check.check(resume_from, settings, cfg.train.accept_changes, run_dir) if resume_from else {}
+    run_claim.adopt_config(run_dir)  # every check passed: this config is now the run's
     session = sessions.start(cfg, run_dir)
     say = session.say
     from ftk import memory
@@ -51,12 +61,14 @@ def pretrain(cfg: DictConfig) -> dict:
     say(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters; objective {objective_name}; "
         f"{session.plan.precision} on {session.plan.device} x{session.plan.world_size}")
     if resume_from is not None:
-        say(f"resuming from {resume_from}")
+        say(f"resuming from {resume_from}" + (" with train.accept_changes=true: "
+                                                  + resume_check.describe(changed) if changed else ""))
 
     result = train.run(model=model, tokenizer=tokenizer, objective=lm_setup.objective_for(cfg, tokenizer),
                        source=train.BlockSource(packed.train, packed.validation), train_cfg=cfg.train,
                        plan=session.plan, accelerator=session.accelerator, run_dir=run_dir,
-                       resume_from=resume_from, started_at=started)
+                       resume_from=resume_from, started_at=started, settings=settings,
+                       apply_changes=bool(changed))
 
     summary = {
         "objective": objective_name, "parameters": total, "trainable_parameters": trainable,
@@ -67,5 +79,10 @@ def pretrain(cfg: DictConfig) -> dict:
         "data": splits.description, **{f"final_{k}": v for k, v in result.final_eval.items()},
         "plan": session.plan.as_dict(),
     }
-    sessions.finish(session, run_dir, model, tokenizer, summary, "pretrain")
+    from ftk.paths import override
+
+    final = override("model.name_or_path", run_dir / "final")
+    sessions.finish(session, run_dir, model, tokenizer, summary, "pretrain", next_steps=[
+        f"ftk finetune {final} data.path=<task.jsonl>   # adapt it to a task",
+        f"ftk evaluate {final} data.path=<held-out text>   # perplexity on other text"])
     return summary

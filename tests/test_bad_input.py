@@ -1,89 +1,72 @@
-"""Bad input never costs work: each case below stops with one line that names the problem and the fix,
-exit code 2, no traceback, and nothing a previous run wrote is lost. Numeric faults stop (exit 3) or
+"""Bad input never costs work: each case of tests/bad_inputs.py stops with one line that names the problem and
+the fix, exit code 2, no traceback, and nothing outside its run folder touched. Numeric faults stop (exit 3) or
 skip batches, and never leave a checkpoint with non-finite weights."""
 
 from __future__ import annotations
 
 import errno
-import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import TINY_GPT, ftk, make_corpus, write_jsonl
+from tests import bad_inputs
+from tests.conftest import TINY_GPT, ftk, isolated_environment, make_labelled, write_jsonl
 
 
-def _empty(tmp: Path, p) -> list:
-    (tmp / "empty.txt").write_text("")
-    return [f"data.path={tmp / 'empty.txt'}"]
+@pytest.fixture(scope="module")
+def world(pretrained, tmp_path_factory) -> dict:
+    """The models and data the table's cases name: the session's tiny GPT and corpus, a labelled task and a
+    LoRA classification adapter trained for two steps on it."""
+    root = tmp_path_factory.mktemp("bad-input-world")
+    labelled = write_jsonl(root / "labelled.jsonl", make_labelled(60))
+    with isolated_environment(tmp_path_factory):
+        assert ftk("finetune", *bad_inputs.TINY_FT, f"model.name_or_path={pretrained['gpt']}", "regime=lora",
+                   f"data.path={labelled}", f"hydra.run.dir={root / 'lora'}") == 0
+    return {"model": pretrained["gpt"], "corpus": pretrained["corpus"], "labelled": labelled,
+            "adapter": root / "lora" / "final"}
 
 
-def _malformed_jsonl(tmp: Path, p) -> list:
-    (tmp / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "fine too"}\n{"text": broken\n')
-    return [f"data.path={tmp / 'bad.jsonl'}"]
+def _in_process(case, argv, tmp, env, cwd, monkeypatch, capsys):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(cwd)
+    code = ftk(case.command, *argv)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
-def _malformed_csv(tmp: Path, p) -> list:
-    (tmp / "bad.csv").write_text("text,source\nfine,a\nnot,fine,at all\n")
-    return [f"data.path={tmp / 'bad.csv'}"]
+def _unprivileged_process(case, argv, tmp, env, cwd):
+    """Read-only folders hold only for a process without CAP_DAC_OVERRIDE (root ignores them otherwise)."""
+    done = subprocess.run([*bad_inputs.drop_privileges(), sys.executable, "-m", "ftk.cli.main", case.command, *argv],
+                          capture_output=True, text=True, timeout=600, cwd=cwd, env={**os.environ, **env})
+    return done.returncode, done.stdout + done.stderr
 
 
-def _missing_column(tmp: Path, p) -> list:
-    write_jsonl(tmp / "body.jsonl", [{"body": d} for d in make_corpus(30)])
-    return [f"data.path={tmp / 'body.jsonl'}"]
-
-
-def _missing_folder(tmp: Path, p) -> list:
-    return [f"data.path={tmp / 'no-such-folder'}/"]
-
-
-def _long_sequence(tmp: Path, p) -> list:
-    return ["model=pretrained", f"model.name_or_path={p['gpt']}", f"data.path={p['corpus']}", "train.seq_len=4096"]
-
-
-def _foreign_tokenizer(tmp: Path, p) -> list:
-    from ftk.data.tokenizer import train_tokenizer
-    from ftk.schemas import Family
-
-    big = train_tokenizer(make_corpus(200), Family.gpt2, 2000, 128)
-    big.save_pretrained(tmp / "big-tokenizer")
-    return ["model=pretrained", f"model.name_or_path={p['gpt']}", f"model.tokenizer={tmp / 'big-tokenizer'}",
-            f"data.path={p['corpus']}"]
-
-
-def _finished_run(tmp: Path, p) -> list:
-    return [f"hydra.run.dir={p['gpt'].parent}", f"data.path={p['corpus']}"]
-
-
-def _not_a_model(tmp: Path, p) -> list:
-    (tmp / "not-a-model").mkdir()
-    return ["model=pretrained", f"model.name_or_path={tmp / 'not-a-model'}", f"data.path={p['corpus']}"]
-
-
-CASES = [  # (case, pretrain overrides made in tmp_path, the one line says)
-    ("empty dataset", _empty, "the dataset is empty"),
-    ("malformed jsonl row", _malformed_jsonl, "bad.jsonl:3: malformed JSON"),
-    ("malformed csv row", _malformed_csv, "bad.csv:3: 3 fields where the header has 2"),
-    ("missing column", _missing_column, "has no column 'text'; its columns are body"),
-    ("missing folder", _missing_folder, "does not exist"),
-    ("sequence longer than the model's positions", _long_sequence, "larger than the model's 128 positions"),
-    ("tokenizer of another vocabulary", _foreign_tokenizer, "they do not belong together"),
-    ("output dir of a finished run", _finished_run, "holds a finished run"),
-    ("model dir that is not a model", _not_a_model, "is not a model directory"),
-]
-
-
-@pytest.mark.parametrize("case,make,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_table(case, make, message, pretrained, tmp_path, capsys):
-    finished = sorted(p.name for p in pretrained["gpt"].parent.rglob("*"))
-    overrides = make(tmp_path, pretrained)
-    run = [] if any(o.startswith("hydra.run.dir=") for o in overrides) else [f"hydra.run.dir={tmp_path / 'run'}"]
-    code = ftk("pretrain", *TINY_GPT, "train.max_steps=2", *overrides, *run)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("ftk pretrain:")]
-    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
-    assert sorted(p.name for p in pretrained["gpt"].parent.rglob("*")) == finished  # nothing touched
+@pytest.mark.parametrize("case", bad_inputs.CASES, ids=[c.name for c in bad_inputs.CASES])
+def test_bad_input_table(case, world, tmp_path, monkeypatch, capsys):
+    if case.prepare:
+        case.prepare(tmp_path, world)
+    watched = [Path(world["model"]).parent.parent, Path(world["adapter"]).parent.parent]
+    before = [bad_inputs.snapshot(w) for w in watched]
+    mine = bad_inputs.snapshot(tmp_path, skip=(tmp_path / "run",))
+    argv, env, cwd = case.argv(world, tmp_path), case.environment(world, tmp_path), case.workdir(world, tmp_path)
+    bad_inputs.make_read_only(case, tmp_path)
+    try:
+        if case.read_only:
+            code, output = _unprivileged_process(case, argv, tmp_path, env, cwd)
+        else:
+            code, output = _in_process(case, argv, tmp_path, env, cwd, monkeypatch, capsys)
+    finally:
+        bad_inputs.restore_permissions(case, tmp_path)
+    lines = bad_inputs.error_lines(case.command, output)
+    assert code == 2 and len(lines) == 1 and case.expect in lines[0] and "Traceback" not in output, output[-3000:]
+    # nothing touched outside the run folder: the shared models and data, and the case's own files
+    assert [bad_inputs.snapshot(w) for w in watched] == before
+    assert bad_inputs.changed(mine, bad_inputs.snapshot(tmp_path, skip=(tmp_path / "run",))) == []
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(corpus_dir, tmp_path, monkeypatch, capsys):

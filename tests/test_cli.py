@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import ftk, ftk_subprocess
 
 
@@ -33,33 +31,7 @@ def test_unknown_subcommand_is_one_line(capsys):
     assert err.count("\n") == 0 and "pretrain, finetune, evaluate, merge-adapter" in err
 
 
-BAD_OVERRIDES = [
-    (["train.foo=1"], "unknown config key 'train.foo'; valid keys here: max_steps"),
-    (["bogus=1"], "unknown config key 'bogus'; valid keys here: model, objective"),
-    (["train.max_steps=abc"], "train.max_steps: Value 'abc'"),
-    (["train.schedule=sideways"], "expected one of [cosine, linear, constant]"),
-    (["model=gpt-tni"], "unknown option 'gpt-tni' for model; choose one of: bert-small, bert-tiny, gpt-small"),
-    (["+recipe=nope"], "unknown option 'nope' for recipe; choose one of: bert-small"),
-    (["model=pretrained"], "model.name_or_path is required"),
-    (["data=text"], "data.path is required"),
-    (["train.seq_len=4096"], "train.seq_len=4096 is larger than model.max_position_embeddings=512"),
-    (["model=bert-tiny"], "cannot be trained with objective=clm"),
-    (["train.max_steps=0"], "train.max_steps must be positive"),
-    (["data.path=/no/such/corpus.txt"], "data path /no/such/corpus.txt does not exist"),
-]
-
-
-@pytest.mark.parametrize("overrides,expected", BAD_OVERRIDES)
-def test_bad_input_stops_with_one_line(overrides, expected, tmp_path, capsys):
-    # Tiny limits first, so that a check that fails to fire costs seconds, not a whole default run.
-    code = ftk("pretrain", "train.max_steps=2", "data.max_documents=50", *overrides,
-               f"hydra.run.dir={tmp_path / 'run'}", "hardware=cpu")
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("ftk pretrain:")]
-    assert len(errors) == 1 and expected in errors[0], err
-    assert "Traceback" not in err
-    assert not (tmp_path / "run" / "final").exists()
+# Bad overrides and every other bad input: the one table in tests/bad_inputs.py (tests/test_bad_input.py).
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):

@@ -112,6 +112,37 @@ def test_compare_to_reports_forgetting(pretrained, text_file, tmp_path):
     assert r["compare"]["ratio"] > 1.1 and r["compare"]["this_ppl"] == pytest.approx(r["causal"]["perplexity"])
 
 
+def test_compare_to_a_model_with_another_tokenizer_gives_bits_per_byte_not_a_perplexity_ratio(pretrained, text_file,
+                                                                                             tmp_path, capsys):
+    import math
+
+    from tests.conftest import TINY_GPT
+
+    other = tmp_path / "other"  # the same architecture, a tokenizer of another vocabulary
+    assert ftk("pretrain", *TINY_GPT, "model.vocab_size=400", f"data.path={pretrained['corpus']}",
+               "train.max_steps=5", "hardware.num_threads=1", f"hydra.run.dir={other}") == 0
+    capsys.readouterr()
+    args = [f"model.name_or_path={pretrained['gpt']}", f"compare_to={other / 'final'}", f"data.path={text_file}",
+            "eval.context=64"]
+    r = evaluate(tmp_path, *args)
+    c = r["compare"]
+    assert c["same_tokenizer"] is False and c["ratio"] is None and c["change"] is None
+    from ftk.data import sources
+
+    docs = sources.text_column(sources.load_records(str(text_file)), "text", str(text_file))
+    text_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    assert abs(text_bytes - len(text_file.read_bytes())) <= 2
+    mine = r["causal"]
+    assert c["this_bpb"] == pytest.approx(mine["loss"] * mine["tokens"] / math.log(2) / text_bytes)
+    assert 0 < c["reference_bpb"] and c["bpb_ratio"] == pytest.approx(c["this_bpb"] / c["reference_bpb"])
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "not comparable: other tokenizer" in report and "| bits per byte: compare_to -> this |" in report
+    capsys.readouterr()
+    assert ftk("evaluate", *CPU, *args, "eval.max_tokens=500", f"hydra.run.dir={tmp_path / 'capped'}") == 2
+    err = capsys.readouterr().err
+    assert "has another tokenizer: perplexities are not comparable" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("args,message", [
     (["adapter_path={gpt}"], "is not a PEFT adapter"),
     (["model.name_or_path={tmp}/nothing"], "does not exist"),

@@ -89,8 +89,8 @@ def test_lora_classifier_merges_into_a_plain_model_that_loads_without_peft(adapt
     assert merge(f"adapter_path={final}", f"output_dir={out}") == 0
     captured = capsys.readouterr()
     assert "max |logit diff|" in captured.out and "tolerance 1e-04" in captured.out
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merge.json", "model.safetensors",
-                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "ftk_finetune.json", "merge.json",
+                                                     "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     nothing_left_beside(out)
     facts = json.loads((out / "merge.json").read_text())
     assert facts["merged_modules"] == 2 and facts["heads_kept"] == ["score"] and facts["dtype"] == "fp32"
@@ -104,7 +104,8 @@ def test_lora_classifier_merges_into_a_plain_model_that_loads_without_peft(adapt
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["GPT2ForSequenceClassification"] and not any("peft" in k for k in config)
 
-    ids, mask = tokens(out, append_eos=True)
+    ids, mask = tokens(out, append_eos=False)  # the merged model's tokenizer ends each text with eos itself
+    assert all(row[m.sum() - 1] == 0 for row, m in zip(ids, mask))  # <|endoftext|>
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert merged.config.id2label == {0: "apple", 1: "river", 2: "stone"}
     with torch.no_grad():
@@ -163,7 +164,7 @@ def test_qlora_adapter_merges_into_a_dequantized_full_precision_base(adapters, t
     assert {v.dtype for v in weights.values()} == {torch.float32}
     assert weights["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # a plain Conv1D, not packed 4-bit
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    ids, mask = tokens(out, append_eos=True)
+    ids, mask = tokens(out, append_eos=False)
     with torch.no_grad():
         logits = merged(input_ids=ids, attention_mask=mask).logits
     expected = reference(final, AutoModelForSequenceClassification, ids, mask, num_labels=3,
@@ -251,8 +252,10 @@ def test_refusals_are_one_line_and_write_nothing(case, expected, adapters, pretr
         assert str(pretrained["gpt"].resolve()) in line  # names the base the adapter needs
     if case == "not_empty":
         assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
-        assert merge(*args, f"output_dir={out}", "overwrite=true") == 0  # ... unless told to replace it
-        assert (out / "merge.json").is_file() and not (out / "keep.txt").exists()
+        # ... and overwrite=true replaces only an earlier merge, never a folder of other work
+        assert merge(*args, f"output_dir={out}", "overwrite=true") == 2
+        one_line(capsys, "holds files ftk merge-adapter did not write (no merge.json)")
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     else:
         assert not out.exists()
     nothing_left_beside(out)
@@ -276,3 +279,95 @@ def test_default_adapter_is_the_newest_finetune_run_and_output_goes_next_to_it(a
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["finetune"]  # no empty runs/merge/
     assert merge() == 2  # the default output now exists
     one_line(capsys, f"output_dir={run / 'merged'} exists and is not empty")
+
+
+def test_overwrite_replaces_only_what_an_earlier_merge_wrote(adapters, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert merge(f"adapter_path={adapters['cls'] / 'final'}", f"output_dir={out}") == 0
+    (out / "NOTES.md").write_text("my notes")
+    (out / "eval").mkdir()
+    (out / "eval" / "scores.json").write_text("{}")
+    first = json.loads((out / "merge.json").read_text())
+    assert "NOTES.md" not in first["files"] and "model.safetensors" in first["files"]
+    assert merge(f"adapter_path={adapters['clm'] / 'final'}", f"output_dir={out}", "overwrite=true") == 0
+    assert (out / "NOTES.md").read_text() == "my notes" and (out / "eval" / "scores.json").read_text() == "{}"
+    assert json.loads((out / "merge.json").read_text())["adapter"] == str(adapters["clm"] / "final")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    nothing_left_beside(out)
+
+
+def test_a_merged_classifier_is_used_as_trained_by_ftk_evaluate_and_by_plain_transformers(adapters, pretrained,
+                                                                                          tmp_path):
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from ftk.data.labelled import tokenize
+    from ftk.evaluation import loading
+    from ftk.finetune_setup import load_tokenizer
+
+    final, out = adapters["cls"] / "final", tmp_path / "merged"
+    assert merge(f"adapter_path={final}", f"output_dir={out}") == 0
+    record = json.loads((final / "ftk_finetune.json").read_text())
+    carried = json.loads((out / "ftk_finetune.json").read_text())
+    assert carried["append_eos"] is True and carried["labels"] == record["labels"] == ["apple", "river", "stone"]
+    assert carried["seq_len"] == record["seq_len"] and carried["padding_side"] == record["padding_side"]
+
+    dev = write_jsonl(tmp_path / "dev.jsonl", make_labelled(30, seed=5))
+    records = [(r["text"], r["label"]) for r in map(json.loads, dev.read_text().splitlines())]
+    # The ids the model was trained on: the base's tokenizer, with ftk appending the eos.
+    trained = [e.input_ids for e in tokenize(records, record["labels"], load_tokenizer(str(pretrained["gpt"]), False),
+                                             record["seq_len"], True)]
+    plain = AutoTokenizer.from_pretrained(out)  # what a user of merged/ without ftk gets
+    assert plain([t for t, _ in records])["input_ids"] == trained
+    assert plain.padding_side == record["padding_side"]
+
+    # ftk evaluate feeds the merged model exactly what it feeds base + adapter, and scores the same.
+    from ftk.evaluation.schema import EvaluateConfig
+
+    cfg = OmegaConf.structured(EvaluateConfig)
+    cfg.data.path = str(dev)
+    for target in (loading.resolve_path(str(out)), loading.resolve_path(str(final))):
+        _, tokenizer = loading.classifier(target, cfg)
+        source, _, _ = loading.labelled_source(cfg, target, tokenizer)
+        assert [e.input_ids for e in source.validation] == trained
+        assert source.padding_side == record["padding_side"]
+    scores = []
+    for args in ([f"model.name_or_path={out}"], [f"adapter_path={final}"]):
+        run = tmp_path / f"eval-{len(scores)}"
+        assert ftk("evaluate", "hardware=cpu", "hardware.precision=fp32", *args, f"data.path={dev}",
+                   f"hydra.run.dir={run}") == 0
+        scores.append(json.loads((run / "metrics.json").read_text())["classification"])
+    assert scores[0]["confusion"] == scores[1]["confusion"] and scores[0]["accuracy"] == scores[1]["accuracy"]
+
+
+def test_a_base_with_other_weights_of_the_same_shape_is_refused_unless_allowed(adapters, pretrained, tmp_path,
+                                                                                capsys):
+    from safetensors.torch import save_file
+
+    final = adapters["cls"] / "final"
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(pretrained["gpt"], same)  # the same weights elsewhere: the same base
+    shutil.copytree(pretrained["gpt"], other)  # another "pretrain" of the same shape and vocabulary
+    weights = load_file(str(other / "model.safetensors"))
+    weights["transformer.h.1.mlp.c_fc.weight"] += 0.01
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+
+    assert merge(f"adapter_path={final}", f"model.name_or_path={other}", f"output_dir={tmp_path / 'm1'}") == 2
+    line = one_line(capsys, f"model.name_or_path={other} is not the base the adapter {final} was trained on")
+    assert str(pretrained["gpt"]) in line and "allow_other_base=true" in line
+    assert not (tmp_path / "m1").exists()
+    assert merge(f"adapter_path={final}", f"model.name_or_path={other}", f"output_dir={tmp_path / 'm1'}",
+                 "allow_other_base=true") == 0
+    assert json.loads((tmp_path / "m1" / "merge.json").read_text())["base_fingerprint_matches"] is False
+    assert merge(f"adapter_path={final}", f"model.name_or_path={same}", f"output_dir={tmp_path / 'm2'}") == 0
+    assert json.loads((tmp_path / "m2" / "merge.json").read_text())["base_fingerprint_matches"] is True
+
+    dev = write_jsonl(tmp_path / "dev.jsonl", make_labelled(12, seed=5))
+    capsys.readouterr()
+    args = ["hardware=cpu", f"adapter_path={final}", f"model.name_or_path={other}", f"data.path={dev}"]
+    assert ftk("evaluate", *args, f"hydra.run.dir={tmp_path / 'e1'}") == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("ftk evaluate:")]
+    assert len(lines) == 1 and "is not the base the adapter" in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "e1" / "metrics.json").exists()
+    assert ftk("evaluate", *args, "allow_other_base=true", f"hydra.run.dir={tmp_path / 'e2'}") == 0

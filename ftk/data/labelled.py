@@ -139,8 +139,12 @@ def _hold_out(records: List[Tuple[str, str]], fraction: float, seed: int):
 def tokenize(records: List[Tuple[str, str]], labels: List[str], tokenizer: Any, max_len: int,
              append_eos: bool) -> List[Example]:
     """Examples of at most max_len tokens; decoders get an end-of-text token to read the class from."""
+    from ftk.data.tokenizer import appends_eos
+
     index = {name: i for i, name in enumerate(labels)}
     texts = [text for text, _ in records]
+    # A tokenizer saved with a model (ftk.data.tokenizer.as_trained) may add the eos itself, inside max_len.
+    append_eos = append_eos and not appends_eos(tokenizer)
     budget = max_len - 1 if append_eos else max_len
     encoded = tokenizer(texts, truncation=True, max_length=budget, add_special_tokens=True, verbose=False)["input_ids"]
     out = []

@@ -21,14 +21,12 @@ import numpy as np
 
 from ftk.data import sources
 from ftk.errors import UsageError
+from ftk.paths import cache_root  # noqa: F401  (callers use lm.cache_root)
 
 CACHE_VERSION = 1
 MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 20
 
 
-def cache_root(configured: Optional[str]) -> Path:
-    root = configured or os.environ.get("FTK_CACHE") or "~/.cache/ftk"
-    return Path(root).expanduser()
 
 
 @dataclass
@@ -143,9 +141,25 @@ class PackedData:
     cache_hit: bool
 
 
+def _cached_blocks(path: Path, seq_len: int) -> np.ndarray:
+    """A cache entry memory-mapped, after the checks that catch a damaged one: a readable .npy header, 2-D
+    integer blocks of seq_len tokens, and a file as long as the header says (truncation). Raises ValueError."""
+    try:
+        blocks = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:  # truncated data: "mmap length is greater than file size"
+        raise ValueError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+    if blocks.ndim != 2 or blocks.shape[1] != seq_len or blocks.dtype.kind not in "iu":
+        raise ValueError(f"holds {blocks.dtype} blocks of shape {blocks.shape}, not blocks of {seq_len} token ids")
+    expected = blocks.offset + blocks.size * blocks.itemsize
+    if path.stat().st_size != expected:
+        raise ValueError(f"{path.stat().st_size:,} bytes where its header promises {expected:,}")
+    return blocks
+
+
 def packed_blocks(splits: TextSplits, tokenizer: Any, seq_len: int, objective: str, cache_dir: Optional[str],
-                  tokenizer_fingerprint: str) -> PackedData:
-    """Blocks for training and validation, from the cache when this exact data was packed before."""
+                  tokenizer_fingerprint: str, say: Any = None) -> PackedData:
+    """Blocks for training and validation, from the cache when this exact data was packed before.
+    A damaged cache entry (truncated, or not this shape) is said and rebuilt."""
     layout = Layout.for_objective(objective, tokenizer)
     key = hashlib.sha256(json.dumps({
         "v": CACHE_VERSION, "data": splits.fingerprint, "tokenizer": tokenizer_fingerprint,
@@ -154,7 +168,11 @@ def packed_blocks(splits: TextSplits, tokenizer: Any, seq_len: int, objective: s
     folder = cache_root(cache_dir) / "tokens" / key
     train_file, valid_file = folder / "train.npy", folder / "validation.npy"
     if train_file.exists() and valid_file.exists():
-        return PackedData(np.load(train_file, mmap_mode="r"), np.load(valid_file, mmap_mode="r"), True)
+        try:
+            return PackedData(_cached_blocks(train_file, seq_len), _cached_blocks(valid_file, seq_len), True)
+        except ValueError as exc:
+            if say is not None:
+                say(f"token cache: {folder} is damaged ({exc}); rebuilding it")
     train = pack(splits.train, tokenizer, seq_len, layout)
     if splits.validation is not None:
         validation = pack(splits.validation, tokenizer, seq_len, layout)

@@ -48,7 +48,9 @@ def list_files(path: str, exclude: Sequence[Path] = ()) -> List[Path]:
     excluded = {p.resolve() for p in exclude}
     files = [f for f in files if f.resolve() not in excluded]
     if not files:
-        raise UsageError(f"no data files in {path}: expected {', '.join(FORMATS)} files")
+        skipped = " (a folder's .md files describe the data and are skipped: pass a .md file itself)" if (
+            root.is_dir() and any(root.rglob("*.md"))) else ""
+        raise UsageError(f"no data files in {path}: expected {', '.join(FORMATS)} files{skipped}")
     unknown = [f for f in files if f.suffix.lower() not in FORMATS]
     if unknown:
         raise UsageError(f"unsupported data file {unknown[0]}: expected one of {', '.join(FORMATS)}")

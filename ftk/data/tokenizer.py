@@ -172,3 +172,26 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def appends_eos(tokenizer: Any) -> bool:
+    """Whether `tokenizer(text)` ends a text with eos by itself (a tokenizer saved by `as_trained`)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
+    return bool(ids) and ids[-1] == eos and tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"][-1:] != [eos]
+
+
+def as_trained(tokenizer: Any, append_eos: bool, padding_side: str) -> Any:
+    """A copy of `tokenizer` that plain transformers uses as the model was trained: `tokenizer(text)` ends with
+    the end-of-text token a decoder classifier reads its class from (the post-processor in tokenizer.json does
+    it), and batches are padded on the side the model was trained with (tokenizer_config.json)."""
+    import copy
+
+    out = copy.deepcopy(tokenizer)
+    out.padding_side = padding_side
+    out.init_kwargs["padding_side"] = padding_side
+    if append_eos and not appends_eos(out) and hasattr(out, "update_post_processor"):
+        out.add_eos_token = True  # rebuilds the post-processor: "$A <eos>"
+    return out

@@ -4,6 +4,7 @@ the data (given, or the data the run that made the model used)."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -56,6 +57,11 @@ def resolve_path(path: str, chosen: str = "given") -> Target:
         base = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise UsageError(f"{path} is an adapter that does not name its base; pass model.name_or_path=<base>")
+        from ftk.models import check_model_path, check_weight_files
+
+        check_weight_files(local)  # the adapter's own weights
+        if Path(base).expanduser().exists():
+            check_model_path(base)
         return Target(base, str(local), _record(local), local.parent, chosen)
     if local.exists() or path.startswith((".", "/", "~")):
         from ftk.models import check_model_path
@@ -74,6 +80,10 @@ def resolve_target(cfg: Any) -> Target:
         target = resolve_path(str(adapter))
         if cfg.model.name_or_path:
             target.model_path = cfg.model.name_or_path
+        from ftk.base_fingerprint import check
+
+        check(adapter, target.record, target.model_path, bool(cfg.get("allow_other_base", False)),
+              lambda text: print(text, file=sys.stderr))
         return target
     if cfg.model.name_or_path:
         return resolve_path(cfg.model.name_or_path)
@@ -115,6 +125,12 @@ def _load(cls: Any, target: Target, cfg: Any, **kwargs: Any) -> Any:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot load model '{target.model_path}': {first}") from None
+
+
+def same_tokenizer(tokenizer: Any, other: Target, cfg: Any) -> bool:
+    """Whether `other` reads text with the same ids as `tokenizer` (its own tokenizer, as saved with it)."""
+    theirs = _tokenizer(other.adapter_path or other.model_path, cfg)
+    return theirs.get_vocab() == tokenizer.get_vocab()
 
 
 def is_masked(model: Any) -> bool:
@@ -202,10 +218,10 @@ def positions(model: Any) -> int:
 
 
 def window(cfg: Any, model: Any) -> Tuple[int, int]:
-    context = cfg.eval.context or min(positions(model), 1024)
+    context = cfg.eval.context if cfg.eval.context is not None else min(positions(model), 1024)
     if context > positions(model):
         raise UsageError(f"eval.context={context} is larger than the model's {positions(model)} positions")
-    stride = cfg.eval.stride or max(1, context // 2)
+    stride = cfg.eval.stride if cfg.eval.stride is not None else max(1, context // 2)
     if not 0 < stride <= context:
         raise UsageError(f"eval.stride must be in [1, eval.context={context}], got {stride}")
     return context, stride

@@ -61,6 +61,12 @@ def causal_perplexity(model: Any, ids: np.ndarray, context: int, stride: int, ba
             "context": context, "stride": stride}
 
 
+def bits_per_byte(causal: Dict[str, float], text_bytes: int) -> float:
+    """The causal loss (nats per scored token) over the whole text, in bits per UTF-8 byte of it: comparable
+    between tokenizers, which perplexity is not."""
+    return causal["loss"] * causal["tokens"] / math.log(2) / max(text_bytes, 1)
+
+
 @torch.no_grad()
 def masked_lm(model: Any, blocks: np.ndarray, tokenizer: Any, batch_size: int, seed: int, device: Any,
               pseudo: bool = False) -> Dict[str, float]:

@@ -20,9 +20,15 @@ def _rows(results: Dict[str, Any]) -> List[Tuple[str, str]]:
             rows.append(("pseudo-perplexity", f"{m['pseudo_perplexity']:.3f}"))
     if "compare" in results:
         c = results["compare"]
-        rows += [("compare_to", c["model"]),
-                 ("perplexity: compare_to -> this", f"{c['reference_ppl']:.3f} -> {c['this_ppl']:.3f} "
-                                                    f"({c['ratio']:.3f}x)")]
+        rows.append(("compare_to", c["model"]))
+        if c.get("ratio") is None:  # another tokenizer: only bits per byte compare
+            rows += [("perplexity: compare_to -> this", f"{c['reference_ppl']:.3f} -> {c['this_ppl']:.3f} "
+                                                        "(not comparable: other tokenizer)"),
+                     ("bits per byte: compare_to -> this", f"{c['reference_bpb']:.4f} -> {c['this_bpb']:.4f} "
+                                                           f"({c['bpb_ratio']:.3f}x)")]
+        else:
+            rows.append(("perplexity: compare_to -> this", f"{c['reference_ppl']:.3f} -> {c['this_ppl']:.3f} "
+                                                           f"({c['ratio']:.3f}x)"))
     if "classification" in results:
         c = results["classification"]
         rows += [("data", c["data"]), ("accuracy", f"{c['accuracy']:.2%}"), ("macro-F1", f"{c['macro_f1']:.4f}"),

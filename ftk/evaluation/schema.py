@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import List, Optional
 
+from ftk.ranges import SEED_MAX, ranged
 from ftk.schemas import DataConfig, HardwareConfig, ModelConfig
 
 
@@ -19,18 +20,18 @@ class EvalKind(str, Enum):
 @dataclass
 class EvalConfig:
     kind: EvalKind = EvalKind.auto
-    context: Optional[int] = None     # perplexity window; null = the model's positions (at most 1024)
-    stride: Optional[int] = None      # tokens the window advances; null = context // 2. Each token is scored
+    context: Optional[int] = ranged(None, ge=2)  # perplexity window; null = the model's positions (at most 1024)
+    stride: Optional[int] = ranged(None, ge=1)  # tokens the window advances; null = context // 2. Each token is scored
                                       # once, with at least context - stride tokens before it
-    batch_size: int = 8               # windows / examples per forward; never changes a result
-    max_tokens: Optional[int] = None  # evaluate only the first N tokens of the text
+    batch_size: int = ranged(8, ge=1)  # windows / examples per forward; never changes a result
+    max_tokens: Optional[int] = ranged(None, ge=2)  # evaluate only the first N tokens of the text
     pseudo_perplexity: bool = False   # masked LM: also mask each token in turn (one forward per token)
-    seed: int = 0                     # masking draws, shot draws
-    shots: List[int] = field(default_factory=lambda: [0, 1, 8])  # icl: k per row of the table
-    num_test: int = 200               # icl: test examples (the same for every k)
+    seed: int = ranged(0, ge=0, le=SEED_MAX)  # masking draws, shot draws
+    shots: List[int] = ranged(default_factory=lambda: [0, 1, 8], ge=0)  # icl: k per row of the table
+    num_test: int = ranged(200, ge=1)  # icl: test examples (the same for every k)
     template: str = "{text}\nAnswer: {label}"  # icl: one example; shots are joined by a blank line
     verbalizers: Optional[List[str]] = None    # icl: the word for each label (sorted label order); null = names
-    max_examples: Optional[int] = None         # classification: evaluate only the first N examples
+    max_examples: Optional[int] = ranged(None, ge=1)  # classification: evaluate only the first N examples
 
 
 @dataclass
@@ -41,6 +42,7 @@ class EvaluateConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     adapter_path: Optional[str] = None  # a PEFT adapter (final/ of a LoRA / prompt-tuning finetune run)
     compare_to: Optional[str] = None    # a second model: both perplexities on the same text, and the change
+    allow_other_base: bool = False      # evaluate an adapter on a base whose weights are not those it was trained on
 
 
 def register() -> None:

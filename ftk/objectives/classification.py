@@ -29,12 +29,14 @@ class Classification(Objective):
     def loss(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(model, inputs)
         labels = inputs["labels"]
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), torch.tensor(labels.numel())
+        # The count lives with the loss (on the GPU under CUDA): the loop stacks and reduces them together.
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), torch.tensor(labels.numel(),
+                                                                                       device=labels.device)
 
     def eval_sums(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Sums the validation pass accumulates over batches and processes."""
         logits = self.logits(model, inputs).float()
         labels = inputs["labels"]
         return {"loss_sum": F.cross_entropy(logits, labels, reduction="sum"),
-                "count": torch.tensor(float(labels.numel())),
+                "count": torch.tensor(float(labels.numel()), device=labels.device),
                 "correct": (logits.argmax(-1) == labels).sum().float()}

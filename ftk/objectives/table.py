@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
+
+from ftk.ranges import ranged
 
 
 @dataclass
@@ -28,9 +30,10 @@ class ClmSettings(ObjectiveSettings):
 @dataclass
 class MlmSettings(ObjectiveSettings):
     name: str = "mlm"
-    mlm_probability: float = 0.15     # share of tokens selected for prediction (BERT: 0.15)
-    mask_replace_prob: float = 0.8    # of the selected: share replaced by [MASK]
-    random_replace_prob: float = 0.1  # of the selected: share replaced by a random token; the rest stay
+    mlm_probability: float = ranged(0.15, gt=0, le=1)  # share of tokens selected for prediction (BERT: 0.15)
+    mask_replace_prob: float = ranged(0.8, ge=0, le=1)  # of the selected: share replaced by [MASK]
+    # of the selected: share replaced by a random token; the rest stay
+    random_replace_prob: float = ranged(0.1, ge=0, le=1)
 
 
 @dataclass
@@ -41,24 +44,6 @@ class ClassificationSettings(ObjectiveSettings):
 @dataclass
 class SftSettings(ObjectiveSettings):
     name: str = "sft"
-
-
-# Ranges of the objective fields, checked by `check_settings` (field -> (ok, what it must be)).
-RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "mlm_probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "mask_replace_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "random_replace_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-}
-
-
-def check_settings(settings: Any) -> Optional[str]:
-    """The first objective field out of its range, as one line; None when all are in range."""
-    for key, (ok, must) in RANGES.items():
-        if key in settings and not ok(settings[key]):
-            return f"objective.{key} must be {must}, got {settings[key]}"
-    if "mask_replace_prob" in settings and settings.mask_replace_prob + settings.random_replace_prob > 1:
-        return "objective.mask_replace_prob + objective.random_replace_prob must be at most 1"
-    return None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ One row per regime. Loading, the memory planner and its suggestions, finetune, m
 estimate read these facts instead of listing regime names, so adding a regime is its YAML
 (configs/regime/<name>.yaml), its module (ftk/regimes/<module>.py with `apply(model, ctx)`) and its row here.
 
-Torch-free (only dataclasses and omegaconf): Hydra registers the settings schemas from here while composing,
+Torch-free (only dataclasses and omegaconf); each field's range is declared with its default (ftk.ranges): Hydra registers the settings schemas from here while composing,
 and the planner reads the costs without importing torch.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ftk.ranges import ranged
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -26,6 +28,7 @@ class QuantType(str, Enum):
 
 
 class ComputeDtype(str, Enum):
+    auto = "auto"  # fp16 for fp16 runs (GPUs before Ampere), else bf16
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
@@ -36,7 +39,7 @@ class RegimeSettings:
     """What every regime has: its name and its default peak learning rate (train.lr overrides it)."""
 
     name: str = "full"
-    lr: float = 1e-4
+    lr: float = ranged(1e-4, gt=0)
 
 
 @dataclass
@@ -47,16 +50,16 @@ class FullSettings(RegimeSettings):
 @dataclass
 class FeatureExtractionSettings(RegimeSettings):
     name: str = "feature_extraction"
-    lr: float = 1e-3  # only a new head trains: a head can take a high rate
+    lr: float = ranged(1e-3, gt=0)  # only a new head trains: a head can take a high rate
 
 
 @dataclass
 class LoraSettings(RegimeSettings):
     name: str = "lora"
-    lr: float = 1e-3
-    lora_r: int = 8                  # rank of the update
-    lora_alpha: int = 16             # the update is scaled by alpha / r
-    lora_dropout: float = 0.05       # dropout on the adapter's input, in [0, 1)
+    lr: float = ranged(1e-3, gt=0)
+    lora_r: int = ranged(8, ge=1)  # rank of the update
+    lora_alpha: int = ranged(16, ge=1)  # the update is scaled by alpha / r
+    lora_dropout: float = ranged(0.05, ge=0, lt=1)  # dropout on the adapter's input
     target_modules: Optional[List[str]] = None  # module names; null = peft's default for the model family
                                                 # (gpt2: c_attn; llama: q_proj,v_proj; bert: query,value)
 
@@ -65,7 +68,7 @@ class LoraSettings(RegimeSettings):
 class QloraSettings(LoraSettings):
     name: str = "qlora"
     quant_type: QuantType = QuantType.nf4
-    compute_dtype: ComputeDtype = ComputeDtype.bf16  # dtype of the de-quantized matmuls
+    compute_dtype: ComputeDtype = ComputeDtype.auto  # dtype of the de-quantized matmuls
 
 
 @dataclass
@@ -76,7 +79,7 @@ class DoraSettings(LoraSettings):
 @dataclass
 class Ia3Settings(RegimeSettings):
     name: str = "ia3"
-    lr: float = 3e-3                 # T-Few's rate for (IA)^3 vectors
+    lr: float = ranged(3e-3, gt=0)  # T-Few's rate for (IA)^3 vectors
     target_modules: Optional[List[str]] = None       # null = peft's default for the family
                                                      # (gpt2: c_attn, mlp.c_proj; llama: k_proj, v_proj, down_proj)
     feedforward_modules: Optional[List[str]] = None  # targets whose input (not output) is rescaled; null = peft's
@@ -86,50 +89,28 @@ class Ia3Settings(RegimeSettings):
 @dataclass
 class PromptTuningSettings(RegimeSettings):
     name: str = "prompt_tuning"
-    lr: float = 3e-2                 # a soft prompt needs a far higher rate than weights (Lester et al. 2021)
-    num_virtual_tokens: int = 20     # length of the soft prompt
+    lr: float = ranged(3e-2, gt=0)  # a soft prompt needs a far higher rate than weights (Lester et al. 2021)
+    num_virtual_tokens: int = ranged(20, ge=1)  # length of the soft prompt
 
 
 @dataclass
 class FreezeLayersSettings(RegimeSettings):
     name: str = "freeze_layers"
-    freeze_layers: int = 2           # blocks frozen from the bottom (with the embeddings)
+    freeze_layers: int = ranged(2, ge=0)  # blocks frozen from the bottom (with the embeddings)
 
 
 @dataclass
 class GradualUnfreezeSettings(RegimeSettings):
     name: str = "gradual_unfreeze"
-    unfreeze_every: int = 50         # steps between unfreezing one more block, from the top
+    unfreeze_every: int = ranged(50, ge=1)  # steps between unfreezing one more block, from the top
 
 
 @dataclass
 class HeadThenFullSettings(RegimeSettings):
     name: str = "head_then_full"
-    lr: float = 1e-3
-    head_steps: int = 100            # steps with only the head training
-    full_lr_ratio: float = 0.1       # lr of the full phase, relative to regime.lr
-
-
-# Ranges of the regime fields, checked by `check_settings` (field -> (ok, what it must be)).
-RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "lr": (lambda v: v > 0, "positive"),
-    "lora_r": (lambda v: v > 0, "positive"),
-    "lora_alpha": (lambda v: v > 0, "positive"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "num_virtual_tokens": (lambda v: v > 0, "positive"),
-    "freeze_layers": (lambda v: v >= 0, ">= 0"),
-    "unfreeze_every": (lambda v: v > 0, "positive"),
-    "head_steps": (lambda v: v >= 0, ">= 0"),
-    "full_lr_ratio": (lambda v: v > 0, "positive"),
-}
-
-
-def check_settings(settings: Any) -> Optional[str]:
-    """The first regime field out of its range, as one line; None when all are in range."""
-    for key, (ok, must) in RANGES.items():
-        if key in settings and not ok(settings[key]):
-            return f"regime.{key} must be {must}, got {settings[key]}"
-    return None
+    lr: float = ranged(1e-3, gt=0)
+    head_steps: int = ranged(100, ge=0)  # steps with only the head training
+    full_lr_ratio: float = ranged(0.1, gt=0)  # lr of the full phase, relative to regime.lr
 
 
 # ------------------------------------------------------------------------------------------------ planner costs

@@ -1,0 +1,57 @@
+"""`hardware.precision=auto` on GPUs this machine does not have: the choice is a rule over the device's compute
+capability, shared by the run and the memory planner, and QLoRA's compute dtype follows it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ftk import hardware, schemas
+
+
+@pytest.mark.parametrize("capability, expected", [((6, 0), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"),
+                                                  ((8, 0), "bf16"), ((8, 6), "bf16"), ((8, 9), "bf16"),
+                                                  ((9, 0), "bf16"), ((10, 0), "bf16")])
+def test_auto_precision_by_compute_capability(capability, expected):
+    assert hardware.auto_precision("cuda", capability) == expected
+
+
+def test_auto_precision_on_cpus():
+    assert hardware.auto_precision("cpu", cpu_bf16=True) == "bf16"
+    assert hardware.auto_precision("cpu", cpu_bf16=False) == "fp32"
+
+
+class FakeGPU:
+    """torch.cuda as a V100 or T4 presents itself: visible, bf16 "supported" (by emulation), capability < 8."""
+
+    def __init__(self, monkeypatch, capability):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16")])
+def test_run_and_planner_pick_the_same_precision_on_a_gpu(capability, expected, monkeypatch):
+    # Before the fix both asked torch.cuda.is_bf16_supported(), which is True on a V100: bf16, emulated.
+    FakeGPU(monkeypatch, capability)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    hw = OmegaConf.structured(schemas.HardwareConfig)
+    assert hardware.resolve(hw, batch_size=8, max_steps=10).precision == expected
+
+    from ftk import memory
+
+    cfg = OmegaConf.create({"hardware": OmegaConf.to_container(hw),
+                            "train": {"batch_size": 8, "seq_len": 64}, "objective": {"name": "clm",
+                                                                                   "mlm_probability": 0.15}})
+    assert memory.setup_from_cfg(cfg).precision == expected
+
+
+@pytest.mark.parametrize("setting, precision, expected", [("auto", "fp16", "fp16"), ("auto", "bf16", "bf16"),
+                                                          ("auto", "fp32", "bf16"), ("fp32", "fp16", "fp32")])
+def test_qlora_compute_dtype_follows_the_precision(setting, precision, expected):
+    assert hardware.qlora_compute_dtype(setting, precision) == expected
+    from ftk.regimes.table import settings_of
+
+    assert settings_of("qlora").compute_dtype == "auto"
