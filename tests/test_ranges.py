@@ -13,7 +13,12 @@ from ftk.errors import UsageError
 from ftk.evaluation.schema import EvaluateConfig
 from recipes.estimate import EstimateConfig
 
-ROOTS = (schemas.FinetuneConfig, schemas.MergeConfig, EvaluateConfig, EstimateConfig)
+from ftk.objectives import table as objectives
+from ftk.regimes import table as regimes
+
+# the primary schemas, and each regime's and objective's own (chosen by their config group)
+ROOTS = (schemas.FinetuneConfig, schemas.MergeConfig, EvaluateConfig, EstimateConfig,
+         *(row.settings for row in regimes.ROWS), *(row.settings for row in objectives.ROWS))
 
 
 def _numeric(tp) -> bool:
@@ -51,6 +56,7 @@ def test_every_default_lies_in_its_range(root):
 ])
 def test_the_first_violation_is_one_line_naming_key_and_interval(key, value, message):
     cfg = OmegaConf.structured(schemas.FinetuneConfig)
+    cfg.regime, cfg.objective = regimes.settings_of("lora"), objectives.settings_of("clm")
     OmegaConf.update(cfg, key, value)
     with pytest.raises(UsageError) as err:
         ranges.check(cfg)
