@@ -14,6 +14,13 @@ EXIT_PREEMPTED = 75   # stopped by SIGTERM/SIGINT after saving a checkpoint (EX_
 EXIT_NUMERIC = 3      # non-finite loss and the run was configured to stop
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most `limit` characters:
+    what a one-line error quotes from a library's multi-line message."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 class UsageError(Exception):
     """Something the user passed is wrong; the message says what and how to fix it."""
 

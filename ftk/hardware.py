@@ -50,6 +50,13 @@ class Plan:
         return asdict(self)
 
 
+def torch_dtype(precision: str):
+    """The torch dtype a precision name stands for: fp32, bf16, fp16 (also qlora's compute dtypes, merge dtypes)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -95,28 +102,31 @@ def qlora_compute_dtype(setting: str, precision: str) -> str:
     return "fp16" if precision == "fp16" else "bf16"
 
 
-def resolve(hw: Any, batch_size: int, max_steps: int) -> Plan:
-    """The plan for `hw` (a HardwareConfig) and a run of `max_steps` steps of `batch_size` sequences."""
+def resolve(hw: Any, batch_size: int, max_steps: int, *, world: Optional[int] = None,
+            lenient: bool = False) -> Plan:
+    """The plan for `hw` (a HardwareConfig) and a run of `max_steps` steps of `batch_size` sequences over `world`
+    processes (None: as launched). The one place `auto` settings become concrete. `lenient` (ftk estimate)
+    plans for a device or process count this machine lacks instead of refusing it."""
     import torch
 
     device = Device(hw.device)
     if device is Device.auto:
         device = Device.cuda if torch.cuda.is_available() else Device.cpu
-    if device is Device.cuda and not torch.cuda.is_available():
+    if device is Device.cuda and not torch.cuda.is_available() and not lenient:
         raise UsageError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu or hardware=auto")
     precision = Precision(hw.precision)
     if precision is Precision.auto:
         precision = Precision(auto_precision(device.value, cuda_capability() if device is Device.cuda else None))
-    if precision is Precision.fp16 and device is Device.cpu:
+    if precision is Precision.fp16 and device is Device.cpu and not lenient:
         raise UsageError("hardware.precision=fp16 needs a CUDA device; on a CPU use bf16 or fp32")
 
-    world = world_size()
-    if batch_size % world:
+    world = world or world_size()
+    if batch_size % world and not lenient:
         raise UsageError(f"train.batch_size={batch_size} is not divisible by the {world} processes; "
                          f"use a multiple of {world}")
-    per_process = batch_size // world
+    per_process = max(1, batch_size // world)
     micro = min(hw.micro_batch_size or per_process, per_process)
-    if per_process % micro:
+    if per_process % micro and not lenient:
         raise UsageError(f"hardware.micro_batch_size={micro} does not divide the per-process batch {per_process} "
                          f"(train.batch_size={batch_size} over {world} processes); pick a divisor")
 
@@ -131,7 +141,7 @@ def resolve(hw: Any, batch_size: int, max_steps: int) -> Plan:
     strategy = Strategy(hw.strategy)
     if strategy is Strategy.auto:
         strategy = Strategy.ddp if world > 1 else Strategy.none
-    if strategy is Strategy.none and world > 1:
+    if strategy is Strategy.none and world > 1 and not lenient:
         raise UsageError(f"hardware.strategy=none but {world} processes were launched; use hardware.strategy=ddp "
                          "(or auto), or launch one process")
     return Plan(device.value, precision.value, world, micro, per_process // micro, optimizer.value,

@@ -45,11 +45,12 @@ def pretrain(cfg: DictConfig) -> dict:
     run_claim.adopt_config(run_dir)  # every check passed: this config is now the run's
     session = sessions.start(cfg, run_dir)
     say = session.say
-    from ftk import memory
+    from ftk import planner
+    from ftk import cpu_heap
 
-    planned = memory.check_before_launch(cfg, None, say, plan=session.plan)  # exit 2 when it cannot fit
+    planned = planner.check_before_launch(cfg, None, say, plan=session.plan)  # exit 2 when it cannot fit
     if session.plan.device == "cpu":
-        memory.set_cpu_allocator(planned, say)  # keep freed tensors for reuse unless memory is tight
+        cpu_heap.set_cpu_allocator(planned, say)  # keep freed tensors for reuse unless memory is tight
     objective_name = cfg.objective.name
 
     with session.accelerator.main_process_first():  # rank 0 fills the caches, the others then read them

@@ -13,7 +13,7 @@ What it measures (issue 7), in one invocation:
   CLM objective, the `Plan` ftk's hardware planner makes for hardware=cpu (here: bf16, adamw_fused, matmul
   attention, compile off; --compile / --no-compile override compile), `Accelerator(cpu=True,
   mixed_precision="bf16")` and the allocator setting `ftk pretrain` picks when the memory plan fits
-  (ftk.memory.set_cpu_allocator). The Trainer runs with its best settings on this CPU (bf16=True,
+  (ftk.cpu_heap.set_cpu_allocator). The Trainer runs with its best settings on this CPU (bf16=True,
   optim="adamw_torch_fused"; SDPA, the model's configured attention). Both get the same initial weights
   (checked by a fingerprint),
   the same blocks in the same order (ftk's BlockStream order, fed to the Trainer sequentially), the same
@@ -285,7 +285,7 @@ def _ftk_run(job: Dict[str, Any], model) -> Dict[str, Any]:
     from accelerate import Accelerator
     from omegaconf import OmegaConf
 
-    from ftk import memory, train
+    from ftk import cpu_heap, train
     from ftk.objectives.clm import CausalLM
     from ftk.schemas import Schedule, TrainConfig
 
@@ -297,8 +297,8 @@ def _ftk_run(job: Dict[str, Any], model) -> Dict[str, Any]:
         log_every=1, eval_every=0, eval_batches=1, save_every=0, keep_last=1, seed=job["seed"]))
     plan = replace(ftk_plan(shape), compile=bool(job["compile"]))
     # As `ftk pretrain` / `ftk finetune` on this machine, where the plan fits with room to spare: freed tensors
-    # stay in the heap for the next step (ftk.memory.set_cpu_allocator). This is process-wide, hence --isolate.
-    memory.set_cpu_allocator(None, lambda _: None)
+    # stay in the heap for the next step (ftk.cpu_heap.set_cpu_allocator). This is process-wide, hence --isolate.
+    cpu_heap.set_cpu_allocator(None, lambda _: None)
     # As ftk.session.start does: ftk's compile switch is accelerate's dynamo backend (prepare() wraps the model
     # in torch.compile). Plan(compile=True) alone compiles nothing: the loop itself never calls torch.compile.
     accelerator = Accelerator(cpu=True, mixed_precision="bf16",
@@ -417,7 +417,7 @@ def prime(job: Dict[str, Any]) -> None:
         np.save(work / "train.npy", token_blocks(4 * SMOKE_SHAPE.batch, SMOKE_SHAPE, 0))
         np.save(work / "validation.npy", token_blocks(SMOKE_SHAPE.batch, SMOKE_SHAPE, 1))
     # In a process of its own (--isolate, the default) a run primes only its own side: an ftk run sets the
-    # process's allocator (ftk.memory.set_cpu_allocator), which the Trainer run must not inherit.
+    # process's allocator (ftk.cpu_heap.set_cpu_allocator), which the Trainer run must not inherit.
     for side in (job["side"],) if job.get("isolated") else ("ftk", "trainer"):
         tiny = {**job, "regime": "pretrain", "side": side, "shape": asdict(SMOKE_SHAPE), "steps": 1, "warmup": 1,
                 "work": str(work), "compile": False}

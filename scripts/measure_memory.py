@@ -1,4 +1,4 @@
-"""Planned vs measured peak memory of real training steps on this CPU (ftk.memory against the process).
+"""Planned vs measured peak memory of real training steps on this CPU (ftk.planner against the process).
 
 Each case runs in a fresh process: build the model from ftk's model options, apply the regime with ftk's
 own code (ftk.regimes, ftk.regimes.qlora_base), wrap it with accelerate as `ftk.session` does, build
@@ -6,7 +6,7 @@ ftk's optimizer, and take a few optimizer steps on a fixed batch (the loss is ft
 masked-LM objective, gradients clipped like ftk.train). The peak resident size above the level before
 the model was built is measured both by ftk.peak_memory.PeakMemory (sampled) and the kernel's
 high-water mark (ru_maxrss), the larger is kept, and compared with the planner's figure without its
-fixed overhead (Estimate.tensors). The process calls ftk.memory.release_freed_cpu_memory() first, as
+fixed overhead (Estimate.tensors). The process calls ftk.cpu_heap.release_freed_cpu_memory() first, as
 the planner assumes; `--glibc-default` measures without it.
 
     python scripts/measure_memory.py                      # every case, a markdown table
@@ -47,16 +47,16 @@ CASES: Dict[str, Dict[str, Any]] = {
 def plan(case: Dict[str, Any]):
     from omegaconf import OmegaConf
 
-    from ftk import memory
+    from ftk import planner
     from ftk.schemas import ModelConfig
 
     m = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name_or_path": None, **case["model"]})
-    shape = memory.shape_from_model_options(m, "measured")
-    setup = memory.Setup(regime=case["regime"], objective=case.get("objective", "clm"), precision=case["precision"],
+    shape = planner.shape_from_model_options(m, "measured")
+    setup = planner.Setup(regime=case["regime"], objective=case.get("objective", "clm"), precision=case["precision"],
                          optimizer=case["optimizer"], micro_batch_size=case["micro"], seq_len=case["seq"],
                          gradient_checkpointing=bool(case.get("checkpointing")), device="cpu",
                          batch_size=case["micro"])
-    return memory.estimate(shape, setup)
+    return planner.estimate(shape, setup)
 
 
 def measure(case: Dict[str, Any], steps: int, release: bool) -> Dict[str, Any]:
@@ -65,10 +65,10 @@ def measure(case: Dict[str, Any], steps: int, release: bool) -> Dict[str, Any]:
     import resource
     import tempfile
 
-    from ftk import memory
+    from ftk import cpu_heap
 
     if release:
-        memory.release_freed_cpu_memory()
+        cpu_heap.release_freed_cpu_memory()
     import torch
 
     torch.set_num_threads(1)  # modest: other jobs share this machine; the peak does not depend on it

@@ -114,16 +114,16 @@ def test_plan_picks_matmul_attention_for_cpu_bf16_only_and_leaves_compile_off_on
 
 
 def test_planner_counts_the_probabilities_and_defers_long_sequences_to_sdpa():
-    from ftk import memory
+    from ftk import planner
 
     from ftk.schemas import Family, ModelConfig
 
-    shape = memory.shape_from_model_options(ModelConfig(family=Family.gpt2, hidden_size=384, num_layers=6,
+    shape = planner.shape_from_model_options(ModelConfig(family=Family.gpt2, hidden_size=384, num_layers=6,
                                                         num_heads=6, max_position_embeddings=2048), "test")
     for seq, batch in ((256, 8), (2048, 8)):
-        setups = [memory.Setup(precision="bf16", micro_batch_size=batch, seq_len=seq, finetuning=False,
+        setups = [planner.Setup(precision="bf16", micro_batch_size=batch, seq_len=seq, finetuning=False,
                                matmul_attention=m) for m in (False, True)]
-        sdpa, matmul = (memory.estimate(shape, u) for u in setups)
+        sdpa, matmul = (planner.estimate(shape, u) for u in setups)
         probs = hardware.probs_bytes(batch, 6, seq)
         if seq == 256:
             assert probs == 8 * 6 * 256 * 256 * 2

@@ -40,12 +40,12 @@ def test_run_and_planner_pick_the_same_precision_on_a_gpu(capability, expected, 
     hw = OmegaConf.structured(schemas.HardwareConfig)
     assert hardware.resolve(hw, batch_size=8, max_steps=10).precision == expected
 
-    from ftk import memory
+    from ftk import planner
 
     cfg = OmegaConf.create({"hardware": OmegaConf.to_container(hw),
-                            "train": {"batch_size": 8, "seq_len": 64}, "objective": {"name": "clm",
+                            "train": {"batch_size": 8, "seq_len": 64, "max_steps": 10}, "objective": {"name": "clm",
                                                                                    "mlm_probability": 0.15}})
-    assert memory.setup_from_cfg(cfg).precision == expected
+    assert planner.setup_from_cfg(cfg).precision == expected
 
 
 @pytest.mark.parametrize("setting, precision, expected", [("auto", "fp16", "fp16"), ("auto", "bf16", "bf16"),

@@ -71,7 +71,7 @@ def test_planned_trainable_parameters_equal_what_the_regime_trains(name, family)
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from ftk import memory, regimes
+    from ftk import planner, regimes
     from ftk.schemas import Objective
 
     torch.manual_seed(0)
@@ -85,6 +85,6 @@ def test_planned_trainable_parameters_equal_what_the_regime_trains(name, family)
     for callback in prepared.callbacks:  # phased regimes: their last phase, as the planner plans it
         callback.on_step_start(10**6, prepared.model, None)
     trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
-    shape = memory.shape_from_config(config)
-    setup = memory.Setup(regime=name, objective="classification", num_labels=3, seq_len=16)
-    assert memory.estimate(shape, setup, suggest=False).trainable == trainable
+    shape = planner.shape_from_config(config)
+    setup = planner.Setup(regime=name, objective="classification", num_labels=3, seq_len=16)
+    assert planner.estimate(shape, setup, suggest=False).trainable == trainable

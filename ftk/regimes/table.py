@@ -118,7 +118,7 @@ class HeadThenFullSettings(RegimeSettings):
 
 @dataclass(frozen=True)
 class AdapterCost:
-    """What a peft adapter adds on each block Linear it targets (an ftk.memory.Linear), for the planner."""
+    """What a peft adapter adds on each block Linear it targets (an ftk.planner.Linear), for the planner."""
 
     targets: str                             # peft's default-target table: "lora" | "ia3"; "prompt": none
     params: Callable[[Any, Any], int]        # (settings, linear) -> trainable parameters

@@ -1,4 +1,4 @@
-"""The memory planner (ftk/memory.py) and `ftk estimate`: exact parameter counts, the textbook figures,
+"""The memory planner (ftk/planner/) and `ftk estimate`: exact parameter counts, the textbook figures,
 the activation formula against the tensors autograd really keeps, planned against measured peaks of real
 training steps on this CPU, the CLI's verdict and suggestions, and the check pretrain/finetune run."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ftk import memory
+from ftk import cpu_heap, planner
 from ftk.errors import UsageError
-from ftk.memory import GB, Setup, estimate, shape_from_config
+from ftk.planner import GB, Setup, estimate, shape_from_config
 
 from conftest import REPO, ftk
 
@@ -36,12 +36,12 @@ def checkpoint_dir(tmp_path: Path, name: str, config: dict) -> Path:
 
 @pytest.fixture
 def llama7b(tmp_path):
-    return memory.shape_from_checkpoint(str(checkpoint_dir(tmp_path, "llama-2-7b", LLAMA2_7B)))
+    return planner.shape_from_checkpoint(str(checkpoint_dir(tmp_path, "llama-2-7b", LLAMA2_7B)))
 
 
 @pytest.fixture
 def llama70b(tmp_path):
-    return memory.shape_from_checkpoint(str(checkpoint_dir(tmp_path, "llama-2-70b", LLAMA2_70B)))
+    return planner.shape_from_checkpoint(str(checkpoint_dir(tmp_path, "llama-2-70b", LLAMA2_70B)))
 
 
 def gpu(**kw) -> Setup:
@@ -115,7 +115,7 @@ def test_shape_from_ftk_model_options():
     options = OmegaConf.load(REPO / "configs/model/gpt-small.yaml")
     options.pop("defaults")
     m = OmegaConf.merge(OmegaConf.structured(ModelConfig), options)
-    shape = memory.shape_from_model_options(m)
+    shape = planner.shape_from_model_options(m)
     assert shape.parameters("clm") == 124_439_808  # GPT-2 small (124M), tied embeddings
     assert shape.dtype is None
 
@@ -136,7 +136,7 @@ def test_full_adamw_finetune_of_7b_is_16_bytes_per_parameter(llama7b, tmp_path):
     textbook = estimate(llama7b, gpu(regime="full", weights="16bit"))
     assert (textbook.weights + textbook.gradients + textbook.optimizer) / params == pytest.approx(16, rel=0.01)
     assert textbook.total >= 16 * params and textbook.total == pytest.approx(112 * GB, rel=0.06)
-    fp32 = memory.shape_from_checkpoint(str(checkpoint_dir(tmp_path, "fp32", {**LLAMA2_7B, "torch_dtype": "float32"})))
+    fp32 = planner.shape_from_checkpoint(str(checkpoint_dir(tmp_path, "fp32", {**LLAMA2_7B, "torch_dtype": "float32"})))
     ftk_way = estimate(fp32, gpu(regime="full"))
     assert (ftk_way.weights + ftk_way.gradients + ftk_way.optimizer) / params == pytest.approx(16, rel=0.01)
     assert ftk_way.total > 4 * 24 * GB and ftk_way.fits is None  # no budget given: no verdict either way
@@ -272,7 +272,7 @@ def test_planned_peak_within_25_percent_of_measured(case):
     (5.4M parameters) and width 512 / 8 layers (29.7M), each in a fresh process. The planner's peak (without its
     fixed overhead) is compared with the increase of the process's resident size over the level before the model
     was built, taken as the larger of ftk.peak_memory.PeakMemory (sampled every 5 ms) and the kernel's high-water
-    mark. The process calls ftk.memory.release_freed_cpu_memory() first, as the planner assumes: with glibc's
+    mark. The process calls ftk.cpu_heap.release_freed_cpu_memory() first, as the planner assumes: with glibc's
     default dynamic mmap threshold, freed activations stay in the heap and the resident size peaks 1.2-1.8x
     above the live tensors (and varies by ~20% between identical runs), which is allocator behaviour, not the
     memory the run needs. Measured here: within ~2% for both (scripts/measure_memory.py shows more cases)."""
@@ -282,7 +282,7 @@ def test_planned_peak_within_25_percent_of_measured(case):
 
 
 def test_release_freed_cpu_memory_is_harmless():
-    assert memory.release_freed_cpu_memory() in (True, False)
+    assert cpu_heap.release_freed_cpu_memory() in (True, False)
 
 
 # ------------------------------------------------------------------------------------------------ ftk estimate
@@ -356,7 +356,7 @@ def test_check_before_launch_stops_with_one_line_and_the_table():
     cfg = _compose("pretrain", ["model=gpt-tiny", "hardware=cpu", "hardware.memory_budget_gb=0.001"])
     said = []
     with pytest.raises(UsageError) as caught:
-        memory.check_before_launch(cfg, None, said.append)
+        planner.check_before_launch(cfg, None, said.append)
     message = str(caught.value)
     assert "\n" not in message and "does not fit" in message and "hardware.check_memory=false" in message
     assert any("total (peak)" in line for line in said) and any("budget" in line for line in said)
@@ -366,11 +366,11 @@ def test_check_before_launch_stops_with_one_line_and_the_table():
 def test_check_before_launch_passes_or_is_skipped():
     said = []
     fits = _compose("pretrain", ["model=gpt-tiny", "hardware=cpu"])
-    assert memory.check_before_launch(fits, None, said.append).fits
+    assert planner.check_before_launch(fits, None, said.append).fits
     assert said and said[0].startswith("memory: fits")
     off = _compose("finetune", ["model=gpt-tiny", "hardware=cpu", "hardware.memory_budget_gb=0.001",
                                 "hardware.check_memory=false"])
-    assert memory.check_before_launch(off, None, said.append) is None
+    assert planner.check_before_launch(off, None, said.append) is None
 
 
 def test_check_before_launch_uses_the_finetune_base_config(tmp_path):
@@ -379,9 +379,9 @@ def test_check_before_launch_uses_the_finetune_base_config(tmp_path):
     base = AutoConfig.from_pretrained(checkpoint_dir(tmp_path, "llama-2-7b", LLAMA2_7B))
     cfg = _compose("finetune", ["regime=full", "objective=clm", "hardware=gpu-24gb"])
     with pytest.raises(UsageError, match="regime=lora would fit"):
-        memory.check_before_launch(cfg, base, lambda line: None)
+        planner.check_before_launch(cfg, base, lambda line: None)
     cfg = _compose("finetune", ["regime=qlora", "objective=clm", "hardware=gpu-24gb"])
-    assert memory.check_before_launch(cfg, base, lambda line: None).fits
+    assert planner.check_before_launch(cfg, base, lambda line: None).fits
 
 
 @pytest.mark.skipif("check_before_launch" not in (REPO / "recipes" / "pretrain.py").read_text(),
@@ -403,9 +403,9 @@ def test_cpu_allocator_keeps_freed_memory_unless_the_plan_is_tight():
     said = []
     roomy = SimpleNamespace(total=10 << 30, budget=20 << 30)
     tight = SimpleNamespace(total=10 << 30, budget=15 << 30)  # 10 GiB x 1.8 > 15 GiB
-    assert memory.set_cpu_allocator(roomy, said.append) == "reuse"
-    assert memory.set_cpu_allocator(None, said.append) == "reuse"  # hardware.check_memory=false: no plan
+    assert cpu_heap.set_cpu_allocator(roomy, said.append) == "reuse"
+    assert cpu_heap.set_cpu_allocator(None, said.append) == "reuse"  # hardware.check_memory=false: no plan
     assert not said
-    assert memory.set_cpu_allocator(tight, said.append) == "release"
+    assert cpu_heap.set_cpu_allocator(tight, said.append) == "release"
     assert len(said) == 1 and "freed tensors go back to the OS" in said[0]
-    memory.reuse_freed_cpu_memory()  # leave this test process as ftk leaves a roomy run
+    cpu_heap.reuse_freed_cpu_memory()  # leave this test process as ftk leaves a roomy run
