@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
 from ftk import runs
-from ftk.errors import UsageError
-from ftk.models import auto_class
+from ftk.errors import UsageError, first_line
+from ftk.models import auto_class, check_seq_len
 from ftk.objectives.table import NAMES, fits, language_objective
 from ftk.regimes.table import facts
 from ftk.schemas import Objective
@@ -110,7 +110,7 @@ def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
     import numpy as np
 
     from ftk.data.examples import ExampleSource
-    from ftk.data.instructions import load_instruction_examples
+    from ftk.data.instructions import dropped_note, load_instruction_examples
 
     d = cfg.data
     if d.path is None:
@@ -133,7 +133,7 @@ def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
     if not train:
         raise UsageError(f"{d.path}: no instruction record fits train.seq_len={cfg.train.seq_len}; raise it")
     say(f"data: {d.path}: {len(train):,} training / {len(validation):,} validation instruction examples"
-        + (f" ({stats.get('dropped', 0)} too long, dropped)" if stats.get("dropped") else ""))
+        + dropped_note(stats))
     return TaskData(ExampleSource(train, validation, tokenizer.pad_token_id), d.path, n_train=len(train),
                     n_validation=len(validation))
 
@@ -167,23 +167,20 @@ def load_task_model(cfg: Any, base: str, objective: Objective, regime: str, toke
         if facts(regime).quantized:
             from ftk.regimes.qlora_base import load_4bit_base
 
-            from ftk.hardware import qlora_compute_dtype
+            from ftk.hardware import qlora_compute_dtype, torch_dtype
 
             compute = qlora_compute_dtype(cfg.regime.compute_dtype.value, precision)
-            model, info = load_4bit_base(base, cls, _dtype(compute), quant_type=cfg.regime.quant_type.value, **kwargs)
+            model, info = load_4bit_base(base, cls, torch_dtype(compute), quant_type=cfg.regime.quant_type.value, **kwargs)
         else:
             model, info = cls.from_pretrained(base, dtype=weights_dtype(regime, precision), **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"cannot load model '{base}' for objective={objective.value}: {first}") from None
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise UsageError(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding has {vocab:,}; "
                          "pass the model's own tokenizer (model.tokenizer=...)")
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if positions and cfg.train.seq_len > positions:
-        raise UsageError(f"train.seq_len={cfg.train.seq_len} is larger than the model's {positions} positions; "
-                         f"use train.seq_len<={positions}")
+    check_seq_len(cfg.train.seq_len, model.config)  # RoBERTa's reserved positions included
     new_head = sorted(set(info.get("missing_keys", [])))
     if cfg.model.random_init:
         reinitialise(model)
@@ -207,7 +204,9 @@ def weights_dtype(regime: str, precision: str):
     import torch
 
     if facts(regime).frozen_in_16bit and precision in ("bf16", "fp16"):
-        return torch.bfloat16 if precision == "bf16" else torch.float16
+        from ftk.hardware import torch_dtype
+
+        return torch_dtype(precision)
     return torch.float32
 
 
@@ -218,12 +217,6 @@ def trainable_in_float32(model: Any) -> None:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def load_base_lm(base: str, config: Any, trust_remote_code: bool) -> Any:

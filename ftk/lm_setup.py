@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Tuple
 
 from ftk.data import lm
-from ftk.errors import UsageError
+from ftk.errors import UsageError, first_line
 from ftk.schemas import Family, Objective
 
 Say = Callable[[str], None]
@@ -21,7 +21,7 @@ def check_pretrained(cfg: Any) -> None:
     m = cfg.model
     if not m.name_or_path:
         return
-    from ftk.models import check_model_path
+    from ftk.models import check_model_path, check_seq_len
 
     check_model_path(m.name_or_path)
     from transformers import AutoConfig
@@ -29,14 +29,9 @@ def check_pretrained(cfg: Any) -> None:
     try:
         config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"cannot read the config of model '{m.name_or_path}': {first}") from None
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if positions and config.model_type == "roberta":
-        positions -= 2
-    if positions and cfg.train.seq_len > positions:
-        raise UsageError(f"train.seq_len={cfg.train.seq_len} is larger than the model's {positions} positions; "
-                         f"use train.seq_len<={positions}")
+    check_seq_len(cfg.train.seq_len, config)
 
 
 def load_text(cfg: Any, say: Say) -> lm.TextSplits:
@@ -94,7 +89,7 @@ def pack(cfg: Any, splits: lm.TextSplits, tokenizer: Any, tokenizer_fp: str, say
 
 def model_for(cfg: Any, tokenizer: Any, resume_from: Optional[Path], say: Say) -> Any:
     """A new model of the configured shape, or the pretrained one; checked against tokenizer and seq_len."""
-    from ftk.models import build_model, load_model
+    from ftk.models import build_model, check_seq_len, load_model
 
     m, objective = cfg.model, Objective(cfg.objective.name)
     if m.name_or_path:
@@ -104,12 +99,7 @@ def model_for(cfg: Any, tokenizer: Any, resume_from: Optional[Path], say: Say) -
                            trust_remote_code=m.trust_remote_code, dtype=torch.float32)  # float32 master weights
     else:
         model = build_model(m, objective, tokenizer)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if model.config.model_type == "roberta" and positions:
-        positions -= 2  # RoBERTa reserves two positions for the padding offset
-    if positions and cfg.train.seq_len > positions:
-        raise UsageError(f"train.seq_len={cfg.train.seq_len} is larger than the model's {positions} positions; "
-                         f"use train.seq_len<={positions}")
+    check_seq_len(cfg.train.seq_len, model.config)  # a model built from options, or one given at load time
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise UsageError(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding has {vocab:,}: "

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ftk import runs
+from ftk.hardware import torch_dtype
 from ftk.errors import UsageError
 from ftk.schemas import Objective
 
@@ -81,16 +82,8 @@ def check_settings(cfg: Any) -> Tuple[str, float]:
 def newest_adapter(root: Path = Path("runs")) -> Optional[Path]:
     """final/ of the newest `ftk finetune` run under root/finetune*/ that holds an adapter; a mergeable
     (LoRA) one is preferred over a newer prompt-tuning one."""
-    found = [c.parent for c in root.glob("finetune*/**/final/adapter_config.json")]
-    if not found:
-        return None
-
-    def finished_at(final: Path) -> float:
-        summary = final.parent / "summary.json"
-        return (summary if summary.is_file() else final / "adapter_config.json").stat().st_mtime
-
-    mergeable = [f for f in found if _peft_type(f) in MERGEABLE]
-    return max(mergeable or found, key=finished_at)
+    return runs.newest_final("finetune*", lambda final: (final / "adapter_config.json").is_file(),
+                             prefer=lambda final: _peft_type(final) in MERGEABLE, root=root)
 
 
 def _peft_type(adapter_dir: Path) -> str:
@@ -332,12 +325,6 @@ def quiet() -> Iterator[None]:
         transformers.utils.logging.set_verbosity(level)
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 def load_kwargs(objective: Objective, labels: List[str], tokenizer: Any, trust_remote_code: bool) -> Dict[str, Any]:
     kwargs: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if objective is Objective.classification:
@@ -522,26 +509,6 @@ def write_atomically(out: Path, fill) -> None:
         raise
 
 
-def drop_empty_run_dir() -> None:
-    """Hydra creates runs/merge/<time>/ before the job; the merge writes elsewhere, so remove it again, with
-    the folders above it that Hydra made for it, as long as they are empty."""
-    try:
-        run_dir = runs.output_dir().absolute()
-    except (ValueError, ImportError):
-        return
-    cwd = Path.cwd().absolute()
-    parts = run_dir.relative_to(cwd).parts if run_dir.is_relative_to(cwd) else ()
-    folders = [cwd.joinpath(*parts[:i]) for i in range(len(parts), 0, -1)] or [run_dir]
-    for folder in folders:
-        try:
-            folder.rmdir()  # only succeeds when empty
-        except OSError:
-            break
-
-
-# ------------------------------------------------------------------------------------------------ main
-
-
 def merge_adapter(cfg: Any) -> Dict[str, Any]:
     started = time.time()
     dtype, tolerance = check_settings(cfg)
@@ -611,7 +578,9 @@ def merge_adapter(cfg: Any) -> Dict[str, Any]:
     if not layers:
         raise UsageError(f"the adapter {adapter.path} adds no layer to the base {base}: nothing to merge")
 
-    positions = getattr(base_config, "max_position_embeddings", None) or getattr(base_config, "n_positions", None)
+    from ftk.models import usable_positions
+
+    positions = usable_positions(base_config)
     length = min(int(cfg.probe_len), int(positions)) if positions else int(cfg.probe_len)
     probe = probe_inputs(tokenizer, vocab_rows, int(cfg.probe_batches), length, int(cfg.seed),
                          bool(adapter.record.get("append_eos")) and not encoder,

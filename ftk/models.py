@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from ftk.errors import UsageError
+from ftk.errors import UsageError, first_line
 from ftk.schemas import Family, Objective
 
 
@@ -67,6 +67,23 @@ def auto_class(objective: Any):
     return getattr(transformers, HEADS[facts(objective).head])
 
 
+def usable_positions(config: Any) -> Optional[int]:
+    """How many tokens one sequence may hold: max_position_embeddings (GPT-2: n_positions), less the two
+    positions RoBERTa reserves for its padding offset; None when the config does not say."""
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if n and getattr(config, "model_type", "") == "roberta":
+        n -= 2
+    return n
+
+
+def check_seq_len(seq_len: int, config: Any) -> None:
+    """Refuse train.seq_len beyond the model's positions, before anything heavy is done with it."""
+    positions = usable_positions(config)
+    if positions and seq_len > positions:
+        raise UsageError(f"train.seq_len={seq_len} is larger than the model's {positions} positions; "
+                         f"use train.seq_len<={positions}")
+
+
 def build_model(m: Any, objective: Objective, tokenizer: Any):
     """A freshly initialised transformers model of the configured family and shape (checked in schemas.validate)."""
     config = build_config(m, tokenizer)
@@ -76,7 +93,7 @@ def build_model(m: Any, objective: Objective, tokenizer: Any):
         if "attn_implementation" not in str(exc):
             raise
         raise UsageError(f"model.attn_implementation={m.attn_implementation} is not supported by "
-                         f"{type(config).__name__}: {str(exc).strip().splitlines()[0][:300]}") from None
+                         f"{type(config).__name__}: {first_line(exc, 300)}") from None
 
 
 def is_model_dir(path: Path) -> bool:
@@ -144,7 +161,7 @@ def load_model(name_or_path: str, objective: Objective, *, attn_implementation: 
     try:
         return auto_class(objective).from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"cannot load model '{name_or_path}' for objective={objective.value}: {first}") from None
 
 

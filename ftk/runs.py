@@ -74,13 +74,41 @@ def resume_point(run_dir: Path, resume: str, say: Callable[[str], None] = _say) 
     return path
 
 
+def newest_final(pattern: str, accept: Callable[[Path], bool] = lambda final: True,
+                 prefer: Callable[[Path], bool] = lambda final: False, root: Path = Path("runs")) -> Optional[Path]:
+    """final/ of the most recently finished run under root/`pattern` (e.g. "pretrain*") whose final/ passes
+    `accept`; among them those passing `prefer` first. Finished = summary.json written (else final/'s own time)."""
+    found = [final for final in root.glob(f"{pattern}/**/final") if final.is_dir() and accept(final)]
+    if not found:
+        return None
+
+    def finished_at(final: Path) -> float:
+        summary = final.parent / "summary.json"
+        return (summary if summary.is_file() else final).stat().st_mtime
+
+    return max([f for f in found if prefer(f)] or found, key=finished_at)
+
+
 def newest_pretrained(root: Path = Path("runs")) -> Optional[Path]:
     """final/ of the most recently finished `ftk pretrain` run under the default output folder."""
-    finished = [s.parent for s in root.glob("pretrain*/**/summary.json")
-                if (s.parent / "final" / "config.json").is_file()]
-    if not finished:
-        return None
-    return max(finished, key=lambda run: (run / "summary.json").stat().st_mtime) / "final"
+    return newest_final("pretrain*", lambda final: (final / "config.json").is_file()
+                        and (final.parent / "summary.json").is_file(), root=root)
+
+
+def drop_empty_run_dir() -> None:
+    """Hydra creates the run folder before the job; a command that writes elsewhere (merge-adapter) or nothing
+    (estimate) removes it again, with the folders above it that Hydra made for it, as long as they are empty."""
+    try:
+        run_dir = output_dir().absolute()
+    except (ValueError, ImportError):
+        return
+    cwd = Path.cwd().absolute()
+    parts = run_dir.relative_to(cwd).parts if run_dir.is_relative_to(cwd) else ()
+    for folder in [cwd.joinpath(*parts[:i]) for i in range(len(parts), 0, -1)] or [run_dir]:
+        try:
+            folder.rmdir()  # only succeeds when empty
+        except OSError:
+            break
 
 
 def pretraining_data(model_dir: Path) -> Tuple[bool, Optional[str]]:

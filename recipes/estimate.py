@@ -1,7 +1,7 @@
 """`ftk estimate`: the memory a training run needs per device, against the hardware profile's budget.
 
 Lifecycle: compose (the finetune groups + `estimate`) -> validate -> the model's shape (ftk's model options,
-a checkpoint's config.json, or the newest pretrain run's) -> ftk.memory.estimate -> a table, the verdict and
+a checkpoint's config.json, or the newest pretrain run's) -> ftk.planner.estimate -> a table, the verdict and
 the cheapest changes that would fit. Loads no weights, writes nothing, exits 0 whatever the verdict
 (`ftk pretrain` and `ftk finetune` run the same planner and stop when the run cannot fit).
 """
@@ -9,13 +9,12 @@ the cheapest changes that would fit. Loads no weights, writes nothing, exits 0 w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
 
-from ftk import schemas
+from ftk import runs, schemas
 from ftk.errors import UsageError, reported
 from ftk.ranges import ranged
 
@@ -54,12 +53,12 @@ def main(cfg: DictConfig) -> None:
     try:
         estimate(cfg)
     finally:
-        _drop_empty_run_dir()
+        runs.drop_empty_run_dir()
 
 
 def estimate(cfg: DictConfig):
     schemas.validate_finetune(cfg)
-    from ftk import memory, regimes
+    from ftk import planner, regimes
     from ftk.schemas import Objective
 
     from ftk.objectives.table import NAMES, fits
@@ -74,34 +73,33 @@ def estimate(cfg: DictConfig):
     weights = str(cfg.estimate.weights)
     if weights not in WEIGHTS:
         raise UsageError(f"estimate.weights must be ftk or 16bit, got {weights}")
-    setup = memory.setup_from_cfg(cfg, devices=devices, weights=weights)
-    budget, source = memory.budget_for(cfg.hardware, setup)
-    result = memory.estimate(shape, setup, budget, source)
-    memory.print_estimate(result)
+    setup = planner.setup_from_cfg(cfg, devices=devices, weights=weights)
+    budget, source = planner.budget_for(cfg.hardware, setup)
+    result = planner.estimate(shape, setup, budget, source)
+    planner.print_estimate(result)
     return result
 
 
 def _shape(cfg: DictConfig):
-    from ftk import memory
+    from ftk import planner
 
     m = cfg.model
     if m.name_or_path:
         from ftk.models import check_model_path
 
         check_model_path(m.name_or_path)
-        return memory.shape_from_checkpoint(m.name_or_path, m.trust_remote_code)
+        return planner.shape_from_checkpoint(m.name_or_path, m.trust_remote_code)
     from hydra.core.hydra_config import HydraConfig
 
     choice = HydraConfig.get().runtime.choices.get("model")
     if choice not in (None, "pretrained"):
-        return memory.shape_from_model_options(m, f"model={choice}, built from scratch")
-    from ftk import runs
+        return planner.shape_from_model_options(m, f"model={choice}, built from scratch")
 
     newest = runs.newest_pretrained()
     if newest is None:
         raise UsageError("no model given and no finished `ftk pretrain` run under ./runs; pass a shape "
                          "(model=gpt-small) or model.name_or_path=<model dir or hub name>")
-    return memory.shape_from_checkpoint(str(newest), m.trust_remote_code)
+    return planner.shape_from_checkpoint(str(newest), m.trust_remote_code)
 
 
 def _devices(cfg: DictConfig) -> int:
@@ -117,19 +115,3 @@ def _devices(cfg: DictConfig) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def _drop_empty_run_dir() -> None:
-    """Hydra creates the run folder before the job; the estimate writes nothing, so remove it again (with the
-    folders above it that are left empty)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
-    except ValueError:
-        return
-    cwd = Path.cwd().absolute()
-    parts = run_dir.relative_to(cwd).parts if run_dir.is_relative_to(cwd) else ()
-    for folder in [cwd.joinpath(*parts[:i]) for i in range(len(parts), 0, -1)] or [run_dir]:
-        try:
-            folder.rmdir()  # only succeeds when empty
-        except OSError:
-            break

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ftk import schemas
-from ftk.errors import UsageError, reported
+from ftk.errors import UsageError, first_line, reported
 
 SCHEMA = schemas.FinetuneConfig
 CLAIMS_RUN_DIR = True  # one run at a time per run dir; .hydra/ written only once checks pass
@@ -72,12 +72,13 @@ def finetune(cfg: DictConfig) -> dict:
     try:
         base_config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read the config of model '{base}': {str(exc).strip().splitlines()[0]}") from None
-    from ftk import memory
+        raise UsageError(f"cannot read the config of model '{base}': {first_line(exc)}") from None
+    from ftk import planner
+    from ftk import cpu_heap
 
-    planned = memory.check_before_launch(cfg, base_config, say, plan=session.plan)  # exit 2 when it cannot fit
+    planned = planner.check_before_launch(cfg, base_config, say, plan=session.plan)  # exit 2 when it cannot fit
     if session.plan.device == "cpu":
-        memory.set_cpu_allocator(planned, say)  # keep freed tensors for reuse unless memory is tight
+        cpu_heap.set_cpu_allocator(planned, say)  # keep freed tensors for reuse unless memory is tight
     tokenizer = setup.load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
     padding_side = setup.padding_side(objective, regime.name, base_config)
     with session.accelerator.main_process_first():

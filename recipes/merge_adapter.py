@@ -12,7 +12,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ftk import schemas
+from ftk import runs, schemas
 from ftk.errors import reported
 
 SCHEMA = schemas.MergeConfig
@@ -27,4 +27,4 @@ def main(cfg: DictConfig) -> None:
     try:
         merge.merge_adapter(cfg)
     finally:
-        merge.drop_empty_run_dir()
+        runs.drop_empty_run_dir()

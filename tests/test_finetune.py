@@ -282,6 +282,36 @@ def test_sft_trains_on_responses_and_saves_a_causal_lm(pretrained, tmp_path):
     AutoModelForCausalLM.from_pretrained(run / "final")
 
 
+def test_sft_says_how_many_records_it_dropped(pretrained, tmp_path, capsys):
+    records = [{"instruction": f"Repeat: {r['label']}", "input": "", "output": r["label"]}
+               for r in make_labelled(20, seed=3)]
+    records.append({"instruction": "too long " * 80, "input": "", "output": "x"})  # > train.seq_len=64 tokens
+    data = write_jsonl(tmp_path / "sft.jsonl", records)
+    finetune(tmp_path, pretrained["gpt"], "objective=sft", "regime=lora", "train.max_steps=1", f"data.path={data}")
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("data:")]  # on stderr
+    assert len(said) == 1 and said[0].endswith("examples (1 dropped: prompt longer than train.seq_len)"), said
+
+
+def test_roberta_seq_len_counts_its_two_reserved_positions(pretrained, tmp_path, capsys):
+    """RoBERTa's 514 positions hold 512 tokens (two are reserved for its padding offset): a tiny RoBERTa with 18
+    holds 16, and seq_len 17 is refused before training, as in pretraining."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
+
+    from tests.conftest import ftk
+
+    base = tmp_path / "roberta"
+    tok = AutoTokenizer.from_pretrained(pretrained["bert"])
+    RobertaForMaskedLM(RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=18,
+                                     pad_token_id=tok.pad_token_id)).save_pretrained(base)
+    tok.save_pretrained(base)
+    train = write_jsonl(tmp_path / "train.jsonl", make_labelled(20, seed=1))
+    assert ftk("finetune", f"model.name_or_path={base}", *FAST, "train.seq_len=17", f"data.path={train}",
+               f"hydra.run.dir={tmp_path / 'run'}") == 2
+    err = capsys.readouterr().err
+    assert "train.seq_len=17 is larger than the model's 16 positions" in err, err
+
+
 @pytest.mark.parametrize("objective", ["clm", "sft"])
 def test_prompt_tuning_language_objectives_score_the_text_not_the_soft_prompt(objective, pretrained, tmp_path):
     # peft prepends the virtual tokens: the logits are longer than the input, and only the text's are scored

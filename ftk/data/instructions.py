@@ -325,3 +325,12 @@ def load_instruction_examples(path: str, tokenizer: Any, max_len: int, *, instru
                          f"chat template: fix the template or remove it (tokenizer.chat_template=None)")
     stats["examples"] = len(examples)
     return examples, stats
+
+
+def dropped_note(stats: Dict[str, Any]) -> str:
+    """What loading left out or cut, as a phrase for the data line (empty when nothing was)."""
+    parts = [f"{stats[key]:,} {what}" for key, what in (
+        ("dropped_long_prompt", "dropped: prompt longer than train.seq_len"),
+        ("dropped_unsplittable", "dropped: prompt and response not separable by the chat template"),
+        ("truncated", "responses cut to fit train.seq_len")) if stats.get(key)]
+    return f" ({'; '.join(parts)})" if parts else ""

@@ -20,7 +20,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from ftk.data import sources
-from ftk.errors import UsageError
+from ftk.errors import UsageError, first_line
 from ftk.paths import cache_root  # noqa: F401  (callers use lm.cache_root)
 
 CACHE_VERSION = 1
@@ -147,7 +147,7 @@ def _cached_blocks(path: Path, seq_len: int) -> np.ndarray:
     try:
         blocks = np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:  # truncated data: "mmap length is greater than file size"
-        raise ValueError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+        raise ValueError(first_line(exc)) from None
     if blocks.ndim != 2 or blocks.shape[1] != seq_len or blocks.dtype.kind not in "iu":
         raise ValueError(f"holds {blocks.dtype} blocks of shape {blocks.shape}, not blocks of {seq_len} token ids")
     expected = blocks.offset + blocks.size * blocks.itemsize

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ftk.errors import UsageError
+from ftk.errors import UsageError, first_line
 
 # file suffix -> (datasets builder, extra builder kwargs)
 FORMATS: Dict[str, tuple] = {
@@ -79,7 +79,7 @@ def load_records(path: str, *, hub_config: Optional[str] = None, split: str = "t
         try:
             return datasets.load_dataset(path, hub_config, split=split)
         except Exception as exc:  # offline, unknown name, unknown split: all user-fixable
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc, 300)
             raise UsageError(f"cannot load hub dataset '{path}' (split {split}): {first}; "
                              "check the name and network, or pass a local file or folder") from None
     files = list_files(path, exclude)
@@ -87,7 +87,7 @@ def load_records(path: str, *, hub_config: Optional[str] = None, split: str = "t
     try:
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as exc:
-        raise UsageError(locate_bad_row(files, builder) or f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(locate_bad_row(files, builder) or f"cannot read {path}: {first_line(exc)}") from None
 
 
 def locate_bad_row(files: Sequence[Path], builder: str) -> Optional[str]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ftk.errors import UsageError
+from ftk.errors import UsageError, first_line
 
 
 @dataclass
@@ -39,15 +39,6 @@ class Target:
 def _record(path: Path) -> Dict[str, Any]:
     f = path / "ftk_finetune.json"
     return json.loads(f.read_text()) if f.is_file() else {}
-
-
-def _newest_final() -> Optional[Path]:
-    root = Path("runs")
-    finished = [s.parent for s in root.glob("*/**/summary.json")
-                if s.parent.parent.name != "evaluate" and (s.parent / "final").is_dir()]
-    if not finished:
-        return None
-    return max(finished, key=lambda run: (run / "summary.json").stat().st_mtime) / "final"
 
 
 def resolve_path(path: str, chosen: str = "given") -> Target:
@@ -87,7 +78,10 @@ def resolve_target(cfg: Any) -> Target:
         return target
     if cfg.model.name_or_path:
         return resolve_path(cfg.model.name_or_path)
-    newest = _newest_final()
+    from ftk.runs import newest_final
+
+    # any finished run's final/ (pretrain or finetune; evaluate runs save none)
+    newest = newest_final("*", lambda final: (final.parent / "summary.json").is_file())
     if newest is None:
         raise UsageError("no model given and no finished run under ./runs; pass model.name_or_path=<model dir or "
                          "hub name> (and adapter_path=<adapter dir> for an adapter)")
@@ -108,7 +102,7 @@ def _with_adapter(model: Any, target: Target) -> Any:
     try:
         return PeftModel.from_pretrained(model, target.adapter_path)
     except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:200]
+        first = first_line(exc, 200)
         raise UsageError(f"the adapter {target.adapter_path} does not fit the base {target.model_path}: {first}; "
                          "pass the base it was trained on as model.name_or_path") from None
 
@@ -123,7 +117,7 @@ def _load(cls: Any, target: Target, cfg: Any, **kwargs: Any) -> Any:
             return load_4bit_base(target.model_path, cls, torch.bfloat16, **kwargs)  # as it was trained
         return cls.from_pretrained(target.model_path, **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"cannot load model '{target.model_path}': {first}") from None
 
 
@@ -212,9 +206,9 @@ def token_stream(docs: List[str], tokenizer: Any, limit: Optional[int]):
 
 
 def positions(model: Any) -> int:
-    config = model.config
-    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024
-    return n - 2 if config.model_type == "roberta" else n
+    from ftk.models import usable_positions
+
+    return usable_positions(model.config) or 1024
 
 
 def window(cfg: Any, model: Any) -> Tuple[int, int]:

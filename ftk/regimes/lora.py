@@ -5,7 +5,7 @@ other freshly initialised module, e.g. BERT's pooler) trains in full and is save
 `wrap` takes extra LoraConfig options, so LoRA variants (DoRA) are one line on top of it.
 """
 
-from ftk.errors import UsageError
+from ftk.errors import UsageError, first_line
 from ftk.regimes import Context, Prepared
 from ftk.regimes.structure import head_modules
 
@@ -38,7 +38,7 @@ def get_peft_model(model, config, method: str):
     try:
         return peft.get_peft_model(model, config)
     except ValueError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise UsageError(f"{method} cannot wrap {type(model).__name__}: {first}; set regime.target_modules=[...] to "
                          "module names of the model") from None
 
