@@ -17,8 +17,11 @@ EXIT_NUMERIC = 3      # non-finite loss and the run was configured to stop
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type's name when it has none), at most `limit` characters:
     what a one-line error quotes from a library's multi-line message."""
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # torch's "Error(s) in loading state_dict for X:\n\tsize mismatch for ...": the second line says what
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        return lines[1].rstrip(".")[:limit]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
 
 
 class UsageError(Exception):

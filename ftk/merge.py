@@ -7,6 +7,9 @@
       -> refused unless max |logit difference| <= tolerance; then written to a temp dir next to
          output_dir and renamed into place, with the tokenizer and merge.json.
 
+This module holds the choices, the compatibility checks and the atomic write; loading base + adapter and the
+probe comparison are in ftk/merge_probe.py; the lifecycle is recipes/merge_adapter.py.
+
 The result is a plain Hugging Face model directory: `AutoModelFor*.from_pretrained(dir)` loads it with
 no peft installed. Everything the user can get wrong is refused with one line (UsageError, exit 2)
 before anything is written.
@@ -14,19 +17,15 @@ before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
-import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ftk import runs
-from ftk.hardware import torch_dtype
 from ftk.errors import UsageError
 from ftk.schemas import Objective
 
@@ -37,7 +36,6 @@ MERGEABLE = ("LORA", "ADALORA", "LOHA", "LOKR", "IA3")
 # peft methods that add inputs (virtual tokens) rather than change weights: nothing to merge.
 PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
 KIND = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "IA3": "IA3"}
-PROBE_BATCH_SIZE = 4
 # Keys of a saved config.json that only make sense with peft or a quantized base.
 PEFT_ONLY_CONFIG_KEYS = ("quantization_config", "_pre_quantization_dtype")
 
@@ -56,12 +54,6 @@ class Adapter:
     @property
     def named_base(self) -> Optional[str]:
         return self.config.get("base_model_name_or_path") or self.record.get("base_model")
-
-
-@dataclass
-class Probe:
-    batches: List[Dict[str, Any]] = field(default_factory=list)
-    length: int = 0
 
 
 # --------------------------------------------------------------------------------------------- choices
@@ -306,167 +298,6 @@ def labels_of(adapter: Adapter) -> List[str]:
                      "number of classes cannot be read from adapter_model.safetensors")
 
 
-# ------------------------------------------------------------------------------------------------ model
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """transformers' and peft's load-time warnings (new head initialised, Conv1D fan_in_fan_out) are expected
-    here and said better by the summary; keep stderr to our lines."""
-    import transformers
-
-    level = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers.utils.logging.set_verbosity(level)
-
-
-def load_kwargs(objective: Objective, labels: List[str], tokenizer: Any, trust_remote_code: bool) -> Dict[str, Any]:
-    kwargs: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if objective is Objective.classification:
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                      label2id={name: i for i, name in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
-    return kwargs
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    # torch's "Error(s) in loading state_dict for X:\n\tsize mismatch for ...": the second line says what
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
-        return lines[1].rstrip(".")
-    return lines[0] if lines else type(exc).__name__
-
-
-def load_with_adapter(adapter: Adapter, base: str, cls: Any, kwargs: Dict[str, Any], dtype: Any):
-    """(PeftModel of base + adapter in eval mode, names of base parameters freshly initialised on load)."""
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    try:
-        with quiet():
-            model, info = cls.from_pretrained(base, dtype=dtype, output_loading_info=True, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load the base '{base}' as {cls.__name__}: {first_line(exc)}") from None
-    try:
-        with quiet():
-            wrapped = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise UsageError(f"the adapter {adapter.path} does not fit the base {base}: {first_line(exc)}"
-                         + needs_base(adapter, base)) from None
-    saved = adapter.path / "adapter_model.safetensors"
-    if saved.is_file():  # peft only warns about adapter weights that found no module: refuse instead
-        loaded = set(get_peft_model_state_dict(wrapped))
-        stray = sorted(set(load_file(str(saved))) - loaded)
-        if stray:
-            raise UsageError(f"the adapter {adapter.path} does not fit the base {base}: {len(stray)} of its tensors "
-                             f"(first: {stray[0]}) match no module of it" + needs_base(adapter, base))
-    return wrapped.eval(), sorted(set(info.get("missing_keys", [])))
-
-
-def tuner_modules(model: Any) -> Tuple[List[str], List[str]]:
-    """(names of the adapter layers merged into base weights, names of modules_to_save kept whole)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    base = model.get_base_model()
-    layers = [n for n, m in base.named_modules() if isinstance(m, BaseTunerLayer)]
-    saved = [n for n, m in base.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-    return layers, saved
-
-
-def refuse_random_head(new_params: List[str], kept: List[str], adapter: Adapter, base: str) -> None:
-    """Parameters the base lacked (a new head) must come from the adapter's modules_to_save, or the merged
-    model would carry a random head that no probe can catch (reference and merged share it)."""
-    uncovered = [p for p in new_params if not any(p == k or p.startswith(k + ".") for k in kept)]
-    if uncovered:
-        raise UsageError(f"the base {base} lacks {', '.join(uncovered[:3])}{' ...' if len(uncovered) > 3 else ''} and "
-                         f"the adapter {adapter.path} does not hold it (modules_to_save); the merged model would have "
-                         "a random head" + needs_base(adapter, base))
-
-
-# ------------------------------------------------------------------------------------------------ probe
-
-
-def probe_inputs(tokenizer: Any, vocab_rows: int, n_batches: int, length: int, seed: int, append_eos: bool,
-                 padding_side: str) -> Probe:
-    """Seeded random ordinary tokens (no special ones), lengths from length/2 to length, padded with an
-    attention mask on the side the model was trained with; a decoder classifier's inputs end with eos."""
-    import torch
-
-    special = set(tokenizer.all_special_ids)
-    ordinary = torch.tensor([i for i in range(min(len(tokenizer), vocab_rows)) if i not in special])
-    if len(ordinary) == 0:
-        raise UsageError("the tokenizer has no ordinary tokens to build probe inputs from")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    eos = tokenizer.eos_token_id if append_eos else None
-    g = torch.Generator().manual_seed(seed)
-    probe = Probe(length=length)
-    for _ in range(n_batches):
-        ids = torch.full((PROBE_BATCH_SIZE, length), pad, dtype=torch.long)
-        mask = torch.zeros((PROBE_BATCH_SIZE, length), dtype=torch.long)
-        for row in range(PROBE_BATCH_SIZE):
-            n = length if row == 0 else int(torch.randint(max(2, length // 2), length + 1, (1,), generator=g))
-            tokens = ordinary[torch.randint(len(ordinary), (n,), generator=g)]
-            if eos is not None:
-                tokens[-1] = eos
-            where = slice(length - n, length) if padding_side == "left" else slice(0, n)
-            ids[row, where], mask[row, where] = tokens, 1
-        probe.batches.append({"input_ids": ids, "attention_mask": mask})
-    return probe
-
-
-def probe_logits(model: Any, probe: Probe) -> List[Any]:
-    """fp32 logits of every probe batch: per sequence for a classifier, per real (unpadded) token otherwise."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for batch in probe.batches:
-            logits = model(**batch).logits.float()
-            out.append(logits if logits.dim() == 2 else logits[batch["attention_mask"].bool()])
-    return out
-
-
-def max_difference(a: List[Any], b: List[Any]) -> float:
-    import torch
-
-    diffs = [(x - y).abs().max() for x, y in zip(a, b)]
-    worst = torch.stack(diffs).max()
-    return float("inf") if not torch.isfinite(worst) else float(worst)
-
-
-def quantization_error(adapter: Adapter, base: str, cls: Any, kwargs: Dict[str, Any], probe: Probe,
-                       merged_logits: List[Any]) -> Tuple[Optional[float], str]:
-    """max |logit difference| of the merged model vs the 4-bit base + adapter it was trained as
-    (the quantization error), with the 4-bit settings of the run when its config is there."""
-    try:
-        from ftk.regimes.qlora_base import load_4bit_base  # installs keep_4bit_trainable: no CPU repack
-        from peft import PeftModel
-
-        settings = {"compute_dtype": "bf16", "quant_type": "nf4"}
-        run_config = adapter.path.parent / ".hydra" / "config.yaml"
-        if run_config.is_file():
-            from omegaconf import OmegaConf
-
-            regime = OmegaConf.load(run_config).get("regime", {}) or {}
-            settings.update({k: regime[k] for k in settings if regime.get(k)})
-        with quiet():
-            four_bit = load_4bit_base(base, cls, torch_dtype(settings["compute_dtype"]),
-                                      quant_type=settings["quant_type"], **kwargs)
-            four_bit = PeftModel.from_pretrained(four_bit, str(adapter.path), is_trainable=False).eval()
-            error = max_difference(probe_logits(four_bit, probe), merged_logits)
-        del four_bit
-        return error, f"{settings['quant_type']}, compute {settings['compute_dtype']}"
-    except (ImportError, UsageError, RuntimeError, ValueError, OSError) as exc:
-        return None, f"not measured ({first_line(exc)})"
-
-
 # ------------------------------------------------------------------------------------------------ write
 
 
@@ -509,171 +340,13 @@ def write_atomically(out: Path, fill) -> None:
         raise
 
 
-def merge_adapter(cfg: Any) -> Dict[str, Any]:
-    started = time.time()
-    dtype, tolerance = check_settings(cfg)
-    from rich.console import Console
-
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # loading and saving take seconds; our lines say what
-    console = Console(stderr=True, highlight=False, soft_wrap=True)  # paths stay whole, greppable
-    say = console.print
-
-    adapter = choose_adapter(cfg.adapter_path)
-    refuse_unmergeable(adapter)
-    out, out_chosen = choose_output(cfg.output_dir, adapter)
-    base, base_chosen = choose_base(cfg.model.name_or_path, adapter)
-    protected = [adapter.path] + ([Path(base).expanduser().resolve()] if Path(base).expanduser().exists() else [])
-    refuse_output(out, bool(cfg.overwrite), protected)
-    from ftk.paths import require_writable_dir
-
-    # The merged model is written to a temp folder next to output_dir and renamed: that folder must be writable
-    # now, not after the whole merge has been computed.
-    require_writable_dir(out.parent, f"output_dir={out}", "pass an output_dir=<folder you can write to>")
-    if adapter.chosen != "given":
-        say(f"adapter: {adapter.path} ({adapter.chosen})")
-    say(f"output: {out}" + (f" ({out_chosen})" if out_chosen != "given" else ""))
-
-    import torch
-    from transformers import AutoConfig
-
-    from ftk import finetune_setup as setup
-
-    trust = bool(cfg.model.trust_remote_code)
-    try:
-        base_config = AutoConfig.from_pretrained(base, trust_remote_code=trust)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read the config of the base '{base}': {first_line(exc)}") from None
-    quantized = getattr(base_config, "quantization_config", None)
-    if quantized:
-        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else type(quantized).__name__
-        raise UsageError(f"the base {base} is stored quantized ({method}); merging needs its full-precision weights: "
-                         "pass model.name_or_path=<the unquantized model>")
-    refuse_other_shape(adapter, base, base_config, trust)
-    tokenizer = setup.load_tokenizer(str(adapter.path) if _has_tokenizer(adapter.path) else base, trust)
-    refuse_other_vocabulary(adapter, base, tokenizer, trust)
-    from ftk import base_fingerprint
-
-    same_base = base_fingerprint.check(adapter.path, adapter.record, base, bool(cfg.allow_other_base), say)
-
-    objective = objective_of(adapter, base_config)
-    labels = labels_of(adapter) if objective is Objective.classification else []
-    encoder = setup.is_encoder(base_config)
-    cls = setup.auto_class(objective)
-    kwargs = load_kwargs(objective, labels, tokenizer, trust)
-    quantized_base = bool(adapter.record.get("quantized_base"))
-    regime = adapter.record.get("regime") or adapter.peft_type.lower()
-    say(f"base: {base} ({base_chosen}), as {cls.__name__} in fp32"
-        + (" - de-quantized: the adapter was trained on a 4-bit copy of it (QLoRA); it is merged into the "
-           f"full-precision weights, written in {dtype}, never into 4-bit weights" if quantized_base else ""))
-
-    model, new_params = load_with_adapter(adapter, base, cls, kwargs, torch.float32)
-    vocab_rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab_rows:
-        raise UsageError(f"the adapter's tokenizer has {len(tokenizer):,} tokens but the base {base} has "
-                         f"{vocab_rows:,} embeddings" + needs_base(adapter, base))
-    layers, kept = tuner_modules(model)
-    refuse_random_head(new_params, kept, adapter, base)
-    if not layers:
-        raise UsageError(f"the adapter {adapter.path} adds no layer to the base {base}: nothing to merge")
-
-    from ftk.models import usable_positions
-
-    positions = usable_positions(base_config)
-    length = min(int(cfg.probe_len), int(positions)) if positions else int(cfg.probe_len)
-    probe = probe_inputs(tokenizer, vocab_rows, int(cfg.probe_batches), length, int(cfg.seed),
-                         bool(adapter.record.get("append_eos")) and not encoder,
-                         adapter.record.get("padding_side", "right"))
-    reference = probe_logits(model, probe)
-
-    try:
-        with quiet():
-            merged = model.merge_and_unload(safe_merge=True)
-    except ValueError as exc:  # safe_merge: the merged weights would hold NaN/inf
-        raise UsageError(f"merging {adapter.path} into {base} failed: {first_line(exc)}; nothing written") from None
-    del model
-    leftover = _peft_leftovers(merged)
-    if leftover:
-        raise RuntimeError(f"merge_and_unload left peft modules in the model: {leftover[:3]}")
-    merged = merged.to(torch_dtype(dtype)).eval()
-    merged_logits = probe_logits(merged, probe)
-    diff = max_difference(reference, merged_logits)
-    reference_name = "base (fp32, de-quantized) + adapter" if quantized_base else "base (fp32) + adapter"
-    if not diff <= tolerance:
-        hint = ("merge with dtype=fp32, or accept it with tolerance=..." if dtype != "fp32" else
-                "the merge is not exact; check that the adapter and base belong together")
-        raise UsageError(f"the merged model ({dtype}) differs from {reference_name} by max |logit diff| {diff:.3g} "
-                         f"> tolerance {tolerance:g} on {len(probe.batches) * PROBE_BATCH_SIZE} probe sequences; "
-                         f"nothing written; {hint}")
-
-    q_error, q_how = (None, "")
-    if quantized_base:
-        q_error, q_how = quantization_error(adapter, base, cls, kwargs, probe, merged_logits)
-
-    import peft
-
-    facts = {
-        "base_model": base, "base_chosen": base_chosen, "adapter": str(adapter.path), "adapter_chosen": adapter.chosen,
-        "peft_type": adapter.peft_type, "regime": regime, "objective": objective.value, "labels": labels,
-        "model_class": type(merged).__name__, "dtype": dtype, "quantized_base": quantized_base,
-        "dequantized": quantized_base, "merged_modules": len(layers), "merged_module_names": layers,
-        "heads_kept": kept, "reference": reference_name, "max_abs_logit_diff": diff, "tolerance": tolerance,
-        "probe": {"batches": len(probe.batches), "batch_size": PROBE_BATCH_SIZE, "length": probe.length,
-                  "seed": int(cfg.seed)},
-        "quantization_error": q_error, "quantization": q_how or None,
-        "base_fingerprint_matches": same_base, "output_dir": str(out), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__},
-    }
-    removed: List[str] = []
-
-    append_eos = bool(adapter.record.get("append_eos")) and not encoder
-    padding_side = adapter.record.get("padding_side", "right")
-    # What the model needs to be used as trained travels with it: ftk reads ftk_finetune.json, plain transformers
-    # the tokenizer (it appends the eos a decoder classifier reads its class from, and pads on the trained side).
-    record = {**adapter.record, "objective": objective.value, "labels": labels, "append_eos": append_eos,
-              "padding_side": padding_side, "quantized_base": False, "merged_from": str(adapter.path),
-              "adapter": None}
-    from ftk.data.tokenizer import as_trained
-
-    def fill(tmp: Path) -> None:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        as_trained(tokenizer, append_eos, padding_side).save_pretrained(tmp)
-        removed.extend(clean_config(tmp / "config.json"))
-        runs.write_json(tmp / "ftk_finetune.json", record)
-        files = sorted(p.name for p in tmp.iterdir()) + ["merge.json"]
-        runs.write_json(tmp / "merge.json", {**facts, "config_keys_removed": removed, "files": files})
-
-    write_atomically(out, fill)
-
-    heads = f" + {', '.join(kept)} kept whole" if kept else ""
-    rows = [("base", base), ("adapter", str(adapter.path)), ("regime", f"{regime} ({objective.value})"),
-            ("dtype", dtype + (", de-quantized base (not 4-bit)" if quantized_base else "")),
-            ("merged modules", f"{len(layers)} {KIND.get(adapter.peft_type, adapter.peft_type)} layers{heads}"),
-            ("max |logit diff|", f"{diff:.2e} (tolerance {tolerance:.0e})"),
-            ("compared with", reference_name)]
-    if quantized_base:
-        rows.append(("vs 4-bit-trained model", f"{q_error:.2e} = quantization error" if q_error is not None else q_how))
-    rows += [("time", runs.format_duration(time.time() - started)), ("output dir", str(out))]
-    if quantized_base:
-        say("QLoRA adapter: merged into the de-quantized (full-precision) base, not into 4-bit weights; the merged "
-            "model's difference to the 4-bit-trained model is the quantization error, not a merge error"
-            + (f": max |logit diff| {q_error:.2e} ({q_how})" if q_error is not None else f" ({q_how})"))
-    from ftk.paths import override
-
-    runs.print_summary(f"ftk merge-adapter: {out}", rows,
-                       [f"ftk evaluate {override('model.name_or_path', out)} data.path=<test data>"])
-    return facts
-
-
-def _has_tokenizer(path: Path) -> bool:
+def has_tokenizer(path: Path) -> bool:
     from ftk.data.tokenizer import TOKENIZER_FILES
 
     return any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
-def _peft_leftovers(model: Any) -> List[str]:
+def peft_leftovers(model: Any) -> List[str]:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
