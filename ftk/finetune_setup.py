@@ -69,33 +69,45 @@ class TaskData:
 
 def task_data(cfg: Any, objective: Objective, tokenizer: Any, config: Any, say: Say,
               padding_side: str = "right") -> TaskData:
+    """The training and validation data of `objective`, read as its row says (ftk/objectives/table.py)."""
+    from ftk.objectives.table import facts as objective_facts
+
+    kind = objective_facts(objective).data
+    if kind == "labelled":
+        return _labelled_data(cfg, tokenizer, config, say, padding_side)
+    if kind == "instructions":
+        return _sft_data(cfg, tokenizer, say)
+    return _text_data(cfg, tokenizer, say)
+
+
+def _labelled_data(cfg: Any, tokenizer: Any, config: Any, say: Say, padding_side: str) -> TaskData:
     from ftk.data import lm
     from ftk.data.examples import ExampleSource
 
     seq_len = cfg.train.seq_len
-    if objective is Objective.classification:
-        from ftk.data.corpus import embedded_task_paths
-        from ftk.data.labelled import load_labelled, load_test, tokenize
+    from ftk.data.corpus import embedded_task_paths
+    from ftk.data.labelled import load_labelled, load_test, tokenize
 
-        defaults = None
-        if cfg.data.path is None:
-            defaults = tuple(str(p) for p in embedded_task_paths(lm.cache_root(cfg.data.cache_dir)))
-        splits = load_labelled(cfg.data, cfg.train.seed, defaults)
-        append_eos = not is_encoder(config) and tokenizer.eos_token_id is not None and \
-            tokenizer.pad_token_id != tokenizer.eos_token_id
-        train = tokenize(splits.train, splits.labels, tokenizer, seq_len, append_eos)
-        validation = tokenize(splits.validation, splits.labels, tokenizer, seq_len, append_eos)
-        test = None
-        if cfg.data.test_path:  # read now, so a bad test file stops the run before training, not after
-            test_examples = tokenize(load_test(cfg.data, splits.labels), splits.labels, tokenizer, seq_len, append_eos)
-            test = ExampleSource([], test_examples, tokenizer.pad_token_id, padding_side)
-        say(f"data: {splits.description}: {len(train):,} training / {len(validation):,} validation"
-            + (f" / {len(test.validation):,} test" if test else "") + " examples, "
-            f"{len(splits.labels)} classes ({', '.join(splits.labels[:8])}{', ...' if len(splits.labels) > 8 else ''})")
-        return TaskData(ExampleSource(train, validation, tokenizer.pad_token_id, padding_side), splits.description,
-                        splits.labels, len(train), len(validation), append_eos, test)
-    if objective is Objective.sft:
-        return _sft_data(cfg, tokenizer, say)
+    defaults = None
+    if cfg.data.path is None:
+        defaults = tuple(str(p) for p in embedded_task_paths(lm.cache_root(cfg.data.cache_dir)))
+    splits = load_labelled(cfg.data, cfg.train.seed, defaults)
+    append_eos = not is_encoder(config) and tokenizer.eos_token_id is not None and \
+        tokenizer.pad_token_id != tokenizer.eos_token_id
+    train = tokenize(splits.train, splits.labels, tokenizer, seq_len, append_eos)
+    validation = tokenize(splits.validation, splits.labels, tokenizer, seq_len, append_eos)
+    test = None
+    if cfg.data.test_path:  # read now, so a bad test file stops the run before training, not after
+        test_examples = tokenize(load_test(cfg.data, splits.labels), splits.labels, tokenizer, seq_len, append_eos)
+        test = ExampleSource([], test_examples, tokenizer.pad_token_id, padding_side)
+    say(f"data: {splits.description}: {len(train):,} training / {len(validation):,} validation"
+        + (f" / {len(test.validation):,} test" if test else "") + " examples, "
+        f"{len(splits.labels)} classes ({', '.join(splits.labels[:8])}{', ...' if len(splits.labels) > 8 else ''})")
+    return TaskData(ExampleSource(train, validation, tokenizer.pad_token_id, padding_side), splits.description,
+                    splits.labels, len(train), len(validation), append_eos, test)
+
+
+def _text_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
     from ftk import lm_setup
     from ftk.data.tokenizer import tokenizer_fingerprint
     from ftk.train import BlockSource

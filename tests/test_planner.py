@@ -322,8 +322,7 @@ def test_estimate_suggests_lora_first_when_the_budget_is_too_small(capsys):
     assert "hardware.gradient_checkpointing=true" in suggestions and "hardware.optimizer=adamw_8bit" in suggestions
 
 
-@pytest.mark.parametrize("profile", ["auto", "cpu", "gpu-24gb", "a100-80gb", "h100-80gb", "multi-gpu-ddp",
-                                     "multi-gpu-fsdp"])
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (REPO / "configs" / "hardware").glob("*.yaml")))
 def test_every_hardware_profile_composes_and_plans(profile, capsys):
     assert ftk("estimate", "model=llama-tiny", f"hardware={profile}", "estimate.devices=2") == 0
     assert "verdict:" in capsys.readouterr().out
