@@ -4,6 +4,7 @@ that compares base + adapter with the merged model on seeded random token ids.""
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -157,6 +158,12 @@ def quantization_error(adapter: Adapter, base: str, cls: Any, kwargs: Dict[str, 
 
             regime = OmegaConf.load(run_config).get("regime", {}) or {}
             settings.update({k: regime[k] for k in settings if regime.get(k)})
+        if settings["compute_dtype"] == "auto":  # as the run resolved it, from its precision
+            from ftk.hardware import qlora_compute_dtype
+
+            environment = adapter.path.parent / "environment.json"
+            plan = json.loads(environment.read_text()).get("plan", {}) if environment.is_file() else {}
+            settings["compute_dtype"] = qlora_compute_dtype("auto", plan.get("precision", "bf16"))
         with quiet():
             four_bit = load_4bit_base(base, cls, torch_dtype(settings["compute_dtype"]),
                                       quant_type=settings["quant_type"], **kwargs)

@@ -191,7 +191,7 @@ CASES: List[Case] = [
     Case("dropout=1", "pretrain", (*TINY, "model.dropout=1"), "model.dropout=1.0 is out of range: must be < 1"),
     Case("validation_fraction=1", "pretrain", (*TINY, "data.validation_fraction=1"),
          "data.validation_fraction=1.0 is out of range"),
-    Case("mlm_probability=0", "pretrain", (*TINY, "objective.mlm_probability=0"),
+    Case("mlm_probability=0", "pretrain", (*TINY, "model=bert-tiny", "objective=mlm", "objective.mlm_probability=0"),
          "objective.mlm_probability=0.0 is out of range"),
     Case("llama head_dim odd", "pretrain", (*TINY, "model=llama-tiny", "model.hidden_size=6", "model.num_heads=2"),
          "must be even for llama"),

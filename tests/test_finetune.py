@@ -134,7 +134,8 @@ def test_adapter_regimes_save_only_the_adapter_and_head(regime, expect, pretrain
     correct = 0
     with torch.no_grad():
         for r in records:
-            ids = tok(r["text"])["input_ids"] + [tok.eos_token_id]
+            ids = tok(r["text"])["input_ids"]  # the saved tokenizer appends the eos the head reads, as trained
+            assert ids[-1] == tok.eos_token_id
             logits = model(input_ids=torch.tensor([ids])).logits
             correct += labels[int(logits.argmax())] == r["label"]
     # adapters that change weights: exact. A decoder's soft prompt is trained on left-padded batches, whose absolute positions shift
