@@ -46,7 +46,8 @@ def start(cfg: Any, run_dir: Path) -> Session:
     # torch.compile through accelerate: prepare() wraps the model; inductor caches compiled kernels on disk,
     # so a second run of the same shapes compiles much faster. The plan turns it on only where it pays off.
     accelerator = Accelerator(cpu=plan.device == "cpu", mixed_precision=ACCELERATE_PRECISION[plan.precision],
-                              dynamo_backend=cfg.hardware.compile_backend if plan.compile else "no", fsdp_plugin=fsdp_plugin)
+                              dynamo_backend=cfg.hardware.compile_backend if plan.compile else "no", fsdp_plugin=fsdp_plugin,
+                              kwargs_handlers=[process_group_kwargs(cfg.hardware)])
     if launched_env is None:
         os.environ.pop("ACCELERATE_USE_FSDP", None)
     else:
@@ -66,8 +67,35 @@ def start(cfg: Any, run_dir: Path) -> Session:
         say(note)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        runs.write_json(run_dir / "environment.json", {**runs.environment(), "plan": plan.as_dict()})
+        runs.write_json(run_dir / "environment.json", {**runs.environment(), "plan": plan.as_dict(),
+                                                         "collective_timeout_s": _group_timeout_s()})
     return Session(plan, accelerator, say)
+
+
+def process_group_kwargs(hw: Any) -> Any:
+    """The process group's collective timeout (hardware.timeout_minutes). NCCL's default of 10 minutes kills a
+    multi-GPU job while rank 0 tokenizes a large corpus (the others wait in main_process_first's barrier) or
+    writes a large checkpoint (the others wait in wait_for_everyone). Applies when the group is created: the
+    first job of a sweep sets it for the whole sweep."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(minutes=float(hw.timeout_minutes)))
+
+
+def _group_timeout_s() -> Optional[float]:
+    """The default process group's collective timeout as torch holds it (None with one process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        device = torch.device("cpu" if dist.get_backend() == "gloo" else "cuda")
+        return dist.distributed_c10d._get_default_group()._get_backend(device).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):  # private API: record nothing rather than fail the run
+        return None
 
 
 def _forget_fsdp(plan: Plan) -> None:
