@@ -231,12 +231,13 @@ def _dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def load_base_lm(base: str, config: Any, trust_remote_code: bool) -> Any:
-    """The base checkpoint with its language-model head (for forgetting and replay)."""
+def load_base_lm(base: str, config: Any, trust_remote_code: bool, dtype: Any = None) -> Any:
+    """The base checkpoint with its language-model head (for forgetting and replay), in `dtype` (None: float32)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     cls = AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM
-    return cls.from_pretrained(base, trust_remote_code=trust_remote_code)
+    return cls.from_pretrained(base, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32)
 
 
 def general_blocks(path: str, tokenizer: Any, seq_len: int, objective: Objective, limit: Optional[int],
