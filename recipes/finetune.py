@@ -144,6 +144,8 @@ def finetune(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.time() - started, 2), "train_time_s": round(result.state.elapsed, 2),
         "tokens_per_s": round(result.tokens_per_s, 1), "first_step_s": result.first_step_s,
         "peak_memory_bytes": memory.peak, "peak_memory_added_bytes": memory.added,
+        "peak_memory_reserved_bytes": memory.reserved,
+        "planned_memory_bytes": planned.total if planned is not None else None,
         "lr": cfg.train.lr, "labels": data.labels, "data": data.description,
         "train_examples": data.n_train, "validation_examples": data.n_validation,
         "best_step": result.state.extra.get("best_step"), "stopped_early": bool(result.state.extra.get("stopped_early")),
