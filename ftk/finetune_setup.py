@@ -151,7 +151,7 @@ def auto_class(objective: Objective, encoder: bool):
 
 
 def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, tokenizer: Any, labels: List[str],
-                    config: Any, precision: str = "fp32") -> Tuple[Any, List[str]]:
+                    config: Any, precision: str = "fp32", device: str = "cpu") -> Tuple[Any, List[str]]:
     """The base with the head the objective needs; returns (model, names of freshly initialised parameters)."""
     encoder = is_encoder(config)
     if encoder and objective in (Objective.clm, Objective.sft):
@@ -174,8 +174,10 @@ def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, t
             from ftk.hardware import qlora_compute_dtype
 
             compute = qlora_compute_dtype(cfg.regime.compute_dtype, precision)
-            model, info = load_4bit_base(base, cls, _dtype(compute),
-                                         quant_type=cfg.regime.quant_type, **kwargs)
+            # Where the plan says (hardware=cpu on a GPU machine keeps it on the CPU), not wherever CUDA is.
+            placement = {"": "cpu"} if device == "cpu" else None
+            model, info = load_4bit_base(base, cls, _dtype(compute), quant_type=cfg.regime.quant_type,
+                                         **({"device_map": placement} if placement else {}), **kwargs)
         else:
             model, info = cls.from_pretrained(base, dtype=weights_dtype(regime, precision), **kwargs)
     except (OSError, ValueError) as exc:

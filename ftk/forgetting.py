@@ -118,8 +118,13 @@ class L2SP:
             if name not in skip and "lora_" not in name and "modules_to_save" not in name}
 
     def __call__(self, model: Any, step: int) -> torch.Tensor:
-        terms = [((p - self.anchors[name].to(p.device)) ** 2).sum()
-                 for name, p in model.named_parameters() if p.requires_grad and name in self.anchors]
+        terms = []
+        for name, p in model.named_parameters():
+            if p.requires_grad and name in self.anchors:
+                anchor = self.anchors[name]
+                if anchor.device != p.device:  # once: the anchors are taken before the model goes to the GPU
+                    anchor = self.anchors[name] = anchor.to(p.device)
+                terms.append(((p - anchor) ** 2).sum())
         if not terms:
             return torch.zeros(())
         return 0.5 * self.alpha * torch.stack(terms).sum()

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 from ftk import hardware, runs
 from ftk.errors import UsageError
 from ftk.hardware import Plan
+from ftk.schemas import Device
 
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -65,11 +66,21 @@ def start(cfg: Any, run_dir: Path) -> Session:
 
     if note:
         say(note)
+    if Device(cfg.hardware.device) is Device.auto and plan.device == "cpu":
+        # e.g. a CPU-only torch on a GPU node (installed on a login node without nvidia-smi): say so at once
+        say("hardware=auto: no CUDA device visible to torch, training on the CPU"
+            + (f" (torch {_torch_version()} is a CPU build)" if "+cpu" in _torch_version() else ""))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.write_json(run_dir / "environment.json", {**runs.environment(), "plan": plan.as_dict(),
                                                          "collective_timeout_s": _group_timeout_s()})
     return Session(plan, accelerator, say)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def process_group_kwargs(hw: Any) -> Any:
@@ -180,6 +191,12 @@ def _check_fsdp_fits(cfg: Any) -> None:
         # fails with "aten.embedding got mixed torch.Tensor and DTensor".
         raise UsageError("regime=prompt_tuning does not work with hardware.strategy=fsdp; use "
                          "hardware.strategy=ddp (the soft prompt is small), or regime=lora")
+    if getattr(cfg.hardware, "optimizer", None) is not None and \
+            getattr(cfg.hardware.optimizer, "value", cfg.hardware.optimizer) == "adamw_8bit":
+        # bitsandbytes' 8-bit AdamW keeps block-wise quantized state per tensor; FSDP2 hands it DTensor shards,
+        # which it neither refuses nor handles, and ftk's gathered checkpoints cannot hold its state.
+        raise UsageError("hardware.optimizer=adamw_8bit does not work with hardware.strategy=fsdp; use "
+                         "hardware.optimizer=adamw (FSDP already shards the optimizer state over the processes)")
     if getattr(cfg.train, "early_stopping_patience", 0):
         # Keeping and restoring the best model would need the sharded weights gathered and scattered back.
         raise UsageError("train.early_stopping_patience is not supported with hardware.strategy=fsdp yet; set "

@@ -67,7 +67,7 @@ def finetune(cfg: DictConfig) -> dict:
     with session.accelerator.main_process_first():
         data = setup.task_data(cfg, objective, tokenizer, base_config, say, padding_side)
     model, new_head = setup.load_task_model(cfg, base, objective, regime, tokenizer, data.labels, base_config,
-                                            session.plan.precision)
+                                            session.plan.precision, session.plan.device)
     l2sp = forgetting.L2SP(model, cfg.forgetting.l2sp, new_head) if cfg.forgetting.l2sp else None
 
     prepared = regimes.apply(regime, model, regimes.Context(cfg.regime, objective, new_head))
