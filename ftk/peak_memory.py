@@ -39,7 +39,10 @@ class PeakMemory:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
+            # Counted from zero: QLoRA's 4-bit base is loaded straight to the GPU before this starts, the other
+            # regimes' weights move there inside it (accelerate's prepare); both are the job's memory. (An
+            # earlier job of the same sweep has been collected by ftk.hardware.configure_cuda.)
+            self.start = 0
         else:
             self.start = self.peak = rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)

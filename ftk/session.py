@@ -32,6 +32,7 @@ def start(cfg: Any, run_dir: Path) -> Session:
     transformers.utils.logging.disable_progress_bar()  # our own progress display is the one to watch
     hardware.set_threads(cfg.hardware.num_threads)
     plan = hardware.resolve(cfg.hardware, cfg.train.batch_size, cfg.train.max_steps)
+    hardware.configure_cuda(plan)
     # accelerate keeps one global state per process; a multirun sweep runs several jobs in one process,
     # each with its own precision, so forget the previous job's choice (the process group is kept).
     from accelerate.state import AcceleratorState

@@ -88,6 +88,9 @@ def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
 
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":
+            # From pinned host memory the copy is asynchronous (non_blocking is a no-op from pageable memory)
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: _to(v, device) for k, v in batch.items()}
