@@ -154,7 +154,7 @@ def auto_class(objective: Objective, encoder: bool):
 
 
 def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, tokenizer: Any, labels: List[str],
-                    config: Any, precision: str = "fp32") -> Tuple[Any, List[str]]:
+                    config: Any, precision: str = "fp32", device: str = "cpu") -> Tuple[Any, List[str]]:
     """The base with the head the objective needs; returns (model, names of freshly initialised parameters)."""
     encoder = is_encoder(config)
     if encoder and objective in (Objective.clm, Objective.sft):
@@ -177,8 +177,10 @@ def load_task_model(cfg: Any, base: str, objective: Objective, regime: Regime, t
             from ftk.hardware import qlora_compute_dtype
 
             compute = qlora_compute_dtype(cfg.regime.compute_dtype, precision)
-            model, info = load_4bit_base(base, cls, _dtype(compute),
-                                         quant_type=cfg.regime.quant_type, **kwargs)
+            # Where the plan says (hardware=cpu on a GPU machine keeps it on the CPU), not wherever CUDA is.
+            placement = {"": "cpu"} if device == "cpu" else None
+            model, info = load_4bit_base(base, cls, _dtype(compute), quant_type=cfg.regime.quant_type,
+                                         **({"device_map": placement} if placement else {}), **kwargs)
         else:
             model, info = cls.from_pretrained(base, dtype=weights_dtype(regime, precision), **kwargs)
     except (OSError, ValueError) as exc:
@@ -234,12 +236,13 @@ def _dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def load_base_lm(base: str, config: Any, trust_remote_code: bool) -> Any:
-    """The base checkpoint with its language-model head (for forgetting and replay)."""
+def load_base_lm(base: str, config: Any, trust_remote_code: bool, dtype: Any = None) -> Any:
+    """The base checkpoint with its language-model head (for forgetting and replay), in `dtype` (None: float32)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     cls = AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM
-    return cls.from_pretrained(base, trust_remote_code=trust_remote_code)
+    return cls.from_pretrained(base, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32)
 
 
 def general_blocks(path: str, tokenizer: Any, seq_len: int, objective: Objective, limit: Optional[int],
