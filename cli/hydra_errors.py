@@ -113,13 +113,20 @@ def refuse_unwritable_run_dir(overrides: List[str]) -> Optional[str]:
     return None
 
 
-RUN_MARKERS = (".hydra", "environment.json", "checkpoints", "final", "metrics.jsonl", "metrics.json")
+RUN_MARKERS = (".hydra", "environment.json", "checkpoints", "final", "metrics.jsonl", "metrics.json",
+               "pretrain.log", "finetune.log", "evaluate.log", "estimate.log")  # + Hydra's log of the job
 
 
 def _foreign(path: Path) -> bool:
-    """A non-empty folder that no ftk run has written to (none of what every run leaves)."""
+    """A non-empty folder that no ftk run has written to (none of what every run leaves, not even the lock or
+    pending config of a command that was refused there)."""
+    from ftk.run_claim import LOCK_NAME, PENDING_PREFIX
+
     try:
-        return path.is_dir() and any(path.iterdir()) and not any((path / m).exists() for m in RUN_MARKERS)
+        if not path.is_dir() or not any(path.iterdir()):
+            return False
+        return not any((path / m).exists() for m in (*RUN_MARKERS, LOCK_NAME)) and not any(
+            p.name.startswith(PENDING_PREFIX) for p in path.iterdir())
     except OSError:
         return False
 

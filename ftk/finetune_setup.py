@@ -160,7 +160,7 @@ def load_tokenizer(base: str, trust_remote_code: bool) -> Any:
 
 
 def load_task_model(cfg: Any, base: str, objective: Objective, regime: str, tokenizer: Any, labels: List[str],
-                    config: Any, precision: str = "fp32") -> Tuple[Any, List[str]]:
+                    config: Any, precision: str = "fp32", device: str = "cpu") -> Tuple[Any, List[str]]:
     """The base with the head the objective needs; returns (model, names of freshly initialised parameters)."""
     encoder = is_encoder(config)
     if not fits(objective, encoder):
@@ -182,7 +182,10 @@ def load_task_model(cfg: Any, base: str, objective: Objective, regime: str, toke
             from ftk.hardware import qlora_compute_dtype, torch_dtype
 
             compute = qlora_compute_dtype(cfg.regime.compute_dtype.value, precision)
-            model, info = load_4bit_base(base, cls, torch_dtype(compute), quant_type=cfg.regime.quant_type.value, **kwargs)
+            # Where the plan says (hardware=cpu on a GPU machine keeps it on the CPU), not wherever CUDA is.
+            placement = {"": "cpu"} if device == "cpu" else None
+            model, info = load_4bit_base(base, cls, torch_dtype(compute), quant_type=cfg.regime.quant_type.value,
+                                         **({"device_map": placement} if placement else {}), **kwargs)
         else:
             model, info = cls.from_pretrained(base, dtype=weights_dtype(regime, precision), **kwargs)
     except (OSError, ValueError) as exc:
@@ -231,9 +234,12 @@ def trainable_in_float32(model: Any) -> None:
             p.data = p.data.float()
 
 
-def load_base_lm(base: str, config: Any, trust_remote_code: bool) -> Any:
-    """The base checkpoint with its language-model head (for forgetting and replay)."""
-    return auto_class(lm_objective(config)).from_pretrained(base, trust_remote_code=trust_remote_code)
+def load_base_lm(base: str, config: Any, trust_remote_code: bool, dtype: Any = None) -> Any:
+    """The base checkpoint with its language-model head (for forgetting and replay), in `dtype` (None: float32)."""
+    import torch
+
+    return auto_class(lm_objective(config)).from_pretrained(base, trust_remote_code=trust_remote_code,
+                                                            dtype=dtype or torch.float32)
 
 
 def general_blocks(path: str, tokenizer: Any, seq_len: int, objective: Objective, limit: Optional[int],

@@ -54,7 +54,17 @@ def lm_loss(model: Any, blocks: torch.Tensor, objective: Objective, generator: O
 
 @torch.no_grad()
 def perplexity(model: Any, blocks: np.ndarray, objective: Objective, batch_size: int, device: Any,
-               tokenizer: Any = None, seed: int = 0) -> float:
+               tokenizer: Any = None, seed: int = 0, precision: str = "fp32") -> float:
+    """Token-weighted perplexity on `blocks`; with precision bf16/fp16 under autocast, as the model trained, so a
+    16-bit frozen base is read as it is, never upcast (a 7B base in float32 would not fit the GPU it trained on)."""
+    autocast = precision in ("bf16", "fp16")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=autocast):
+        return _perplexity(model, blocks, objective, batch_size, device, tokenizer, seed)
+
+
+def _perplexity(model: Any, blocks: np.ndarray, objective: Objective, batch_size: int, device: Any,
+                tokenizer: Any, seed: int) -> float:
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -100,8 +110,13 @@ class L2SP:
             if name not in skip and "lora_" not in name and "modules_to_save" not in name}
 
     def __call__(self, model: Any, step: int) -> torch.Tensor:
-        terms = [((p - self.anchors[name].to(p.device)) ** 2).sum()
-                 for name, p in model.named_parameters() if p.requires_grad and name in self.anchors]
+        terms = []
+        for name, p in model.named_parameters():
+            if p.requires_grad and name in self.anchors:
+                anchor = self.anchors[name]
+                if anchor.device != p.device:  # once: the anchors are taken before the model goes to the GPU
+                    anchor = self.anchors[name] = anchor.to(p.device)
+                terms.append(((p - anchor) ** 2).sum())
         if not terms:
             return torch.zeros(())
         return 0.5 * self.alpha * torch.stack(terms).sum()

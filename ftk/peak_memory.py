@@ -1,6 +1,8 @@
 """Peak memory of one job, measured while it runs (a sweep runs several jobs in one process).
 
-On CUDA: torch's peak allocated bytes since the job started. On CPU: the peak resident set size
+On CUDA: torch's peak allocated bytes since the job started (what the memory planner estimates), and the peak
+reserved by its caching allocator (`reserved`: what nvidia-smi shows and what an out-of-memory error is about,
+allocated plus cached free blocks and fragmentation). On CPU: the peak resident set size
 sampled every 20 ms by a background thread, minus the size at the start, so a job is not charged for
 the memory earlier jobs of the same process left behind. ru_maxrss cannot do that: it never falls.
 """
@@ -28,6 +30,7 @@ class PeakMemory:
     def __init__(self, device: str = "cpu", interval: float = 0.02):
         self.device, self.interval = device, interval
         self.start = self.peak = 0
+        self.reserved: Optional[int] = None  # CUDA only
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -36,7 +39,10 @@ class PeakMemory:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
+            # Counted from zero: QLoRA's 4-bit base is loaded straight to the GPU before this starts, the other
+            # regimes' weights move there inside it (accelerate's prepare); both are the job's memory. (An
+            # earlier job of the same sweep has been collected by ftk.hardware.configure_cuda.)
+            self.start = 0
         else:
             self.start = self.peak = rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -52,6 +58,7 @@ class PeakMemory:
             import torch
 
             self.peak = torch.cuda.max_memory_allocated()
+            self.reserved = torch.cuda.max_memory_reserved()
         else:
             self._stop.set()
             self._thread.join()

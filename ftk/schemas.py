@@ -169,6 +169,9 @@ class HardwareConfig:
                                              # kernel (see ftk.cpu_attention); None = on wherever that applies
     strategy: Strategy = Strategy.auto
     num_threads: Optional[int] = ranged(None, ge=1)  # CPU threads for torch; None = torch's default (all cores)
+    # multi-process: how long a collective (or the barrier while rank 0 prepares the data or writes a
+    # checkpoint) may wait before the run fails; NCCL's own default is 10 minutes
+    timeout_minutes: float = ranged(60.0, gt=0)
     # per device; None = detected (GPU memory, or 80% of RAM on CPU)
     memory_budget_gb: Optional[float] = ranged(None, gt=0)
     check_memory: bool = True               # run the memory planner before loading and stop if the run cannot fit

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 from ftk import hardware, runs
 from ftk.errors import UsageError
 from ftk.hardware import Plan
+from ftk.schemas import Device
 
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -31,6 +32,7 @@ def start(cfg: Any, run_dir: Path) -> Session:
     transformers.utils.logging.disable_progress_bar()  # our own progress display is the one to watch
     hardware.set_threads(cfg.hardware.num_threads)
     plan = hardware.resolve(cfg.hardware, cfg.train.batch_size, cfg.train.max_steps)
+    hardware.configure_cuda(plan)
     # accelerate keeps one global state per process; a multirun sweep runs several jobs in one process,
     # each with its own precision, so forget the previous job's choice (the process group is kept).
     from accelerate.state import AcceleratorState
@@ -46,7 +48,8 @@ def start(cfg: Any, run_dir: Path) -> Session:
     # torch.compile through accelerate: prepare() wraps the model; inductor caches compiled kernels on disk,
     # so a second run of the same shapes compiles much faster. The plan turns it on only where it pays off.
     accelerator = Accelerator(cpu=plan.device == "cpu", mixed_precision=ACCELERATE_PRECISION[plan.precision],
-                              dynamo_backend=cfg.hardware.compile_backend if plan.compile else "no", fsdp_plugin=fsdp_plugin)
+                              dynamo_backend=cfg.hardware.compile_backend if plan.compile else "no", fsdp_plugin=fsdp_plugin,
+                              kwargs_handlers=[process_group_kwargs(cfg.hardware)])
     if launched_env is None:
         os.environ.pop("ACCELERATE_USE_FSDP", None)
     else:
@@ -65,10 +68,47 @@ def start(cfg: Any, run_dir: Path) -> Session:
     say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
     if note:
         say(note)
+    if Device(cfg.hardware.device) is Device.auto and plan.device == "cpu":
+        # e.g. a CPU-only torch on a GPU node (installed on a login node without nvidia-smi): say so at once
+        say("hardware=auto: no CUDA device visible to torch, training on the CPU"
+            + (f" (torch {_torch_version()} is a CPU build)" if "+cpu" in _torch_version() else ""))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        runs.write_json(run_dir / "environment.json", {**runs.environment(), "plan": plan.as_dict()})
+        runs.write_json(run_dir / "environment.json", {**runs.environment(), "plan": plan.as_dict(),
+                                                         "collective_timeout_s": _group_timeout_s()})
     return Session(plan, accelerator, say)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def process_group_kwargs(hw: Any) -> Any:
+    """The process group's collective timeout (hardware.timeout_minutes). NCCL's default of 10 minutes kills a
+    multi-GPU job while rank 0 tokenizes a large corpus (the others wait in main_process_first's barrier) or
+    writes a large checkpoint (the others wait in wait_for_everyone). Applies when the group is created: the
+    first job of a sweep sets it for the whole sweep."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(minutes=float(hw.timeout_minutes)))
+
+
+def _group_timeout_s() -> Optional[float]:
+    """The default process group's collective timeout as torch holds it (None with one process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        device = torch.device("cpu" if dist.get_backend() == "gloo" else "cuda")
+        return dist.distributed_c10d._get_default_group()._get_backend(device).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):  # private API: record nothing rather than fail the run
+        return None
 
 
 def _forget_fsdp(plan: Plan) -> None:
@@ -153,6 +193,12 @@ def _check_fsdp_fits(cfg: Any) -> None:
         # fails with "aten.embedding got mixed torch.Tensor and DTensor".
         raise UsageError("regime=prompt_tuning does not work with hardware.strategy=fsdp; use "
                          "hardware.strategy=ddp (the soft prompt is small), or regime=lora")
+    if getattr(cfg.hardware, "optimizer", None) is not None and \
+            getattr(cfg.hardware.optimizer, "value", cfg.hardware.optimizer) == "adamw_8bit":
+        # bitsandbytes' 8-bit AdamW keeps block-wise quantized state per tensor; FSDP2 hands it DTensor shards,
+        # which it neither refuses nor handles, and ftk's gathered checkpoints cannot hold its state.
+        raise UsageError("hardware.optimizer=adamw_8bit does not work with hardware.strategy=fsdp; use "
+                         "hardware.optimizer=adamw (FSDP already shards the optimizer state over the processes)")
     if getattr(cfg.train, "early_stopping_patience", 0):
         # Keeping and restoring the best model would need the sharded weights gathered and scattered back.
         raise UsageError("train.early_stopping_patience is not supported with hardware.strategy=fsdp yet; set "

@@ -88,6 +88,9 @@ def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
 
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":
+            # From pinned host memory the copy is asynchronous (non_blocking is a no-op from pageable memory)
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: _to(v, device) for k, v in batch.items()}
@@ -148,6 +151,13 @@ def validation_sums(model: Any, objective: Any, inputs: Dict[str, torch.Tensor],
 def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit: int, seed: int,
              accelerator: Any) -> Dict[str, float]:
     """Token-weighted validation loss (and perplexity) over the first `limit` batches, split over ranks."""
+    if not checkpoint.sharded(accelerator):
+        # Forwards through the model itself, not DDP's wrapper: DDP broadcasts buffers (Llama's rotary
+        # frequencies, BERT's position ids) in the first forward after training, a collective that a rank with
+        # no validation batch never joins (a hang when there are fewer batches than processes). No gradients
+        # flow here, so DDP has nothing else to do; and eager, so varying batch shapes recompile nothing.
+        # (Under FSDP the sharded model must run on every rank: see the padding forwards below.)
+        model = accelerator.unwrap_model(model, keep_torch_compile=False)
     was_training = model.training
     model.eval()
     total = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, count, correct

@@ -84,7 +84,7 @@ def finetune(cfg: DictConfig) -> dict:
     with session.accelerator.main_process_first():
         data = setup.task_data(cfg, objective, tokenizer, base_config, say, padding_side)
     model, new_head = setup.load_task_model(cfg, base, objective, regime.name, tokenizer, data.labels, base_config,
-                                            session.plan.precision)
+                                            session.plan.precision, session.plan.device)
     l2sp = forgetting.L2SP(model, cfg.forgetting.l2sp, new_head) if cfg.forgetting.l2sp else None
 
     prepared = regimes.apply(regime.name, model, regimes.Context(cfg.regime, objective, new_head))
@@ -100,12 +100,16 @@ def finetune(cfg: DictConfig) -> dict:
     general = None
     lm_objective = setup.lm_objective(base_config)
     base_ppl = None
+    held_dtype = setup.weights_dtype(regime.name, session.plan.precision)  # the frozen base's dtype in training
     if cfg.forgetting.data_path:
         general = setup.general_blocks(cfg.forgetting.data_path, tokenizer, cfg.train.seq_len, lm_objective,
                                        cfg.forgetting.max_blocks, cfg.data.cache_dir)
-        base_lm = setup.load_base_lm(base, base_config, cfg.model.trust_remote_code).to(session.accelerator.device)
-        base_ppl = forgetting.perplexity(base_lm, general, lm_objective, session.plan.micro_batch_size,
-                                         session.accelerator.device, tokenizer)
+        # The base is read in the dtype the fine-tuned model holds it in (16-bit under LoRA with bf16/fp16) and
+        # under the same autocast, so the two perplexities differ by training only, not by rounding.
+        base_lm = setup.load_base_lm(base, base_config, cfg.model.trust_remote_code, held_dtype)
+        base_ppl = forgetting.perplexity(base_lm.to(session.accelerator.device), general, lm_objective,
+                                         session.plan.micro_batch_size, session.accelerator.device, tokenizer,
+                                         precision=session.plan.precision)
         del base_lm
         say(f"forgetting: base model perplexity {base_ppl:.2f} on {len(general)} blocks of "
             f"{cfg.forgetting.data_path}")
@@ -127,13 +131,14 @@ def finetune(cfg: DictConfig) -> dict:
     forgetting_result = {}
     if general is not None:
         view = unwrapped if objective_facts(objective).language_model else \
-            forgetting.language_view(unwrapped, setup.load_base_lm(base, base_config, cfg.model.trust_remote_code))
+            forgetting.language_view(unwrapped, setup.load_base_lm(base, base_config, cfg.model.trust_remote_code,
+                                                                   held_dtype))
         if hasattr(view, "get_base_model"):  # a soft prompt is the task's; general text is read without it
             view = view.get_base_model()
-        if not regime.quantized:  # compare in float32 like the base, so bf16 rounding of a frozen base
-            view.float()                # does not pass for forgetting (QLoRA's 4-bit error is part of its figure)
+        # Read as trained, in place and without a float32 copy: QLoRA's 4-bit error is part of its figure.
         tuned_ppl = forgetting.perplexity(view.to(session.accelerator.device), general, lm_objective,
-                                          session.plan.micro_batch_size, session.accelerator.device, tokenizer)
+                                          session.plan.micro_batch_size, session.accelerator.device, tokenizer,
+                                          precision=session.plan.precision)
         forgetting_result = {"general_text": cfg.forgetting.data_path, "base_ppl": base_ppl,
                              "finetuned_ppl": tuned_ppl, "ppl_change": tuned_ppl - base_ppl,
                              "ppl_ratio": tuned_ppl / base_ppl}
@@ -158,6 +163,8 @@ def finetune(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.time() - started, 2), "train_time_s": round(result.state.elapsed, 2),
         "tokens_per_s": round(result.tokens_per_s, 1), "first_step_s": result.first_step_s,
         "peak_memory_bytes": memory.peak, "peak_memory_added_bytes": memory.added,
+        "peak_memory_reserved_bytes": memory.reserved,
+        "planned_memory_bytes": planned.total if planned is not None else None,
         "lr": cfg.train.lr, "labels": data.labels, "data": data.description,
         "train_examples": data.n_train, "validation_examples": data.n_validation,
         "best_step": result.state.extra.get("best_step"), "stopped_early": bool(result.state.extra.get("stopped_early")),

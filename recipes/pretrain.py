@@ -65,11 +65,14 @@ def pretrain(cfg: DictConfig) -> dict:
         say(f"resuming from {resume_from}" + (" with train.accept_changes=true: "
                                                   + resume_check.describe(changed) if changed else ""))
 
-    result = train.run(model=model, tokenizer=tokenizer, objective=lm_setup.objective_for(cfg, tokenizer),
-                       source=train.BlockSource(packed.train, packed.validation), train_cfg=cfg.train,
-                       plan=session.plan, accelerator=session.accelerator, run_dir=run_dir,
-                       resume_from=resume_from, started_at=started, settings=settings,
-                       apply_changes=bool(changed))
+    from ftk.peak_memory import PeakMemory
+
+    with PeakMemory(session.plan.device) as peak:
+        result = train.run(model=model, tokenizer=tokenizer, objective=lm_setup.objective_for(cfg, tokenizer),
+                           source=train.BlockSource(packed.train, packed.validation), train_cfg=cfg.train,
+                           plan=session.plan, accelerator=session.accelerator, run_dir=run_dir,
+                           resume_from=resume_from, started_at=started, settings=settings,
+                           apply_changes=bool(changed))
 
     summary = {
         "objective": objective_name, "parameters": total, "trainable_parameters": trainable,
@@ -78,6 +81,8 @@ def pretrain(cfg: DictConfig) -> dict:
         "tokens_per_s": round(result.tokens_per_s, 1), "first_step_s": result.first_step_s,
         "train_blocks": len(packed.train), "validation_blocks": len(packed.validation),
         "data": splits.description, **{f"final_{k}": v for k, v in result.final_eval.items()},
+        "peak_memory_bytes": peak.peak, "peak_memory_reserved_bytes": peak.reserved,
+        "planned_memory_bytes": planned.total if planned is not None else None,
         "plan": session.plan.as_dict(),
     }
     from ftk.paths import override

@@ -89,6 +89,11 @@ def _foreign_folder(tmp: Path, w: World) -> None:
     (tmp / "mine" / "notes.txt").write_text("unrelated work\n")
 
 
+def _left_by_a_refused_run(tmp: Path, w: World) -> None:
+    (tmp / "run").mkdir()
+    (tmp / "run" / ".lock").write_text("")  # what a command refused in {tmp}/run leaves behind
+
+
 def _accented_corpus(tmp: Path, w: World) -> None:
     (tmp / "données").mkdir()
     shutil.copy(next(iter(sorted(Path(w["corpus"]).glob("*.txt")))), tmp / "données" / "a.txt")
@@ -259,6 +264,8 @@ CASES: List[Case] = [
     Case("empty run dir", "pretrain", (*TINY, "hydra.run.dir="), "hydra.run.dir is empty", run_dir=False),
     Case("run dir full of other files", "pretrain", (*TINY, "hydra.run.dir={tmp}/mine"),
          "already holds files that are not an ftk run", _foreign_folder, run_dir=False),
+    Case("again in the folder of a refused run", "pretrain", (*TINY, "train.seed=-1"), "train.seed=-1 is out of range",
+         _left_by_a_refused_run),
     # --- item 15: paths ---------------------------------------------------------------------------------------
     Case("non-ASCII unquoted path", "pretrain", (*TINY, "data.path={tmp}/données/a.txt"),
          "cannot parse the value of data.path: quote it", _accented_corpus),

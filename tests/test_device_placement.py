@@ -21,6 +21,9 @@ class MetaAccelerator:
     def __init__(self):
         self.reduced = []
 
+    def unwrap_model(self, model, keep_fp32_wrapper=True, keep_torch_compile=True):
+        return model
+
     def reduce(self, tensor, reduction="sum"):
         self.reduced.append(tensor)
         return torch.zeros(tensor.shape, dtype=tensor.dtype)

@@ -55,3 +55,21 @@ def test_qlora_compute_dtype_follows_the_precision(setting, precision, expected)
     from ftk.regimes.table import settings_of
 
     assert settings_of("qlora").compute_dtype == "auto"
+
+
+def test_fp32_runs_on_cuda_use_tf32_and_16_bit_runs_do_not(monkeypatch):
+    import gc
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)  # no CUDA allocator here to empty
+    monkeypatch.setattr(gc, "collect", lambda *a: 0)
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        hardware.configure_cuda(hardware.Plan("cuda", "fp32", 1, 1, 1, "adamw", False, "none"))
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        hardware.configure_cuda(hardware.Plan("cuda", "bf16", 1, 1, 1, "adamw", False, "none"))
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+        hardware.configure_cuda(hardware.Plan("cpu", "fp32", 1, 1, 1, "adamw", False, "none"))
+        assert torch.get_float32_matmul_precision() == "highest"  # CPU runs: untouched
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
