@@ -9,6 +9,11 @@ accelerate owns devices, mixed precision and distribution (`Accelerator.prepare`
   draws what the uninterrupted one would: losses after a resume are bit-identical on CPU fp32.
 * Loss weighting. Objectives return (sum, count); every target token of the global batch weighs
   the same, whatever the micro-batch split, the number of processes or the share of masked tokens.
+
+Its parts are named: `run` (the loop), `accumulate_gradients` (one step's forward and backward passes),
+`stop_vote` (every process stops at the same step), `evaluate` (validation) and `MetricsLog`. At about 460
+lines it is over the usual 400: they share the loop's state and its exactness rules, which are easier to
+check read together than across modules.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -274,33 +279,9 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                                                                    (m + 1) * plan.micro_batch_size]),
                             step_seed(t.seed, step, rank, stream=2 + m), accelerator.device)
                     for m in range(plan.grad_accum)]
-                # Every target token of the global batch weighs the same: divide by the global count.
-                local_count = sum(objective.targets(inp) for inp in micro_inputs)
-                global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device),
-                                                  reduction="sum").clamp(min=1.0)
-                step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-                step_tokens = 0
-                for m, inputs in enumerate(micro_inputs):
-                    last = m == plan.grad_accum - 1
-                    with accelerator.no_sync(model) if not last else _null():
-                        loss_sum, _ = objective.loss(model, inputs)
-                        # DDP averages gradients over processes; scale by world so the result is the global mean.
-                        loss = loss_sum * (world / global_count)
-                        if extra_loss is not None and m == 0:
-                            loss = loss + extra_loss(unwrapped, step)
-                        accelerator.backward(loss)
-                    step_loss += loss_sum.detach().double()
-                    mask = inputs.get("attention_mask")  # padded examples: count real tokens only
-                    step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-                # Loss and real (unpadded) tokens summed over processes in one collective: ranks hold different
-                # amounts of padding, so rank 0's count times the world size would be wrong for examples.
-                totals = accelerator.reduce(torch.stack([step_loss, torch.tensor(float(step_tokens), dtype=torch.float64,
-                                                                                  device=step_loss.device)]),
-                                            reduction="sum")
+                loss_value, step_tokens_global = accumulate_gradients(
+                    model, unwrapped, objective, micro_inputs, accelerator, extra_loss, step)
                 late_grads()
-                step_loss = totals[0] / global_count
-                loss_value = step_loss.item()
-                step_tokens_global = int(totals[1].item())
                 grad_norm = None
                 if t.max_grad_norm > 0 and accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -355,14 +336,8 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                     eta = (t.max_steps - state.step) * (now - window_start) / max(1, window_count)
                     progress.update(state.step, record["loss"], record["lr"], tps, eta)
                     window_start, window_tokens, window_loss, window_count = now, 0, 0.0, 0.0
-                time_up = t.max_minutes is not None and state.elapsed >= 60 * t.max_minutes
-                stop_now = stop.requested
-                if world > 1:
-                    # Each rank has its own clock and may see a signal a step later than another; all must stop
-                    # (and save, a collective under FSDP and DDP) at the same step, or the next collective hangs.
-                    flags = accelerator.reduce(torch.tensor([float(time_up), float(stop_now)],
-                                                            device=accelerator.device), reduction="sum")
-                    time_up, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
+                time_up, stop_now = stop_vote(accelerator, t.max_minutes is not None and
+                                              state.elapsed >= 60 * t.max_minutes, stop.requested)
                 at_end = state.step == t.max_steps or time_up
                 if (t.eval_every and state.step % t.eval_every == 0) or at_end:
                     metrics = evaluate(model, objective, source, plan.micro_batch_size, t.eval_batches, t.seed,
@@ -415,6 +390,48 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                                          accelerator)
     save()  # the final state as a checkpoint too: `train.resume=auto train.max_steps=<more>` continues it
     return result
+
+
+def accumulate_gradients(model: Any, unwrapped: Any, objective: Any, micro_inputs: List[Dict[str, torch.Tensor]],
+                         accelerator: Any, extra_loss: Optional[Callable[[Any, int], torch.Tensor]],
+                         step: int) -> Tuple[float, int]:
+    """The gradients of one optimizer step, accumulated over this process's micro-batches; returns the step's
+    loss (mean over every target of the global batch) and its real (unpadded) tokens over all processes."""
+    world = accelerator.num_processes
+    # Every target token of the global batch weighs the same: divide by the global count.
+    local_count = sum(objective.targets(inp) for inp in micro_inputs)
+    global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device),
+                                      reduction="sum").clamp(min=1.0)
+    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    step_tokens = 0
+    for m, inputs in enumerate(micro_inputs):
+        last = m == len(micro_inputs) - 1
+        with accelerator.no_sync(model) if not last else _null():
+            loss_sum, _ = objective.loss(model, inputs)
+            # DDP averages gradients over processes; scale by world so the result is the global mean.
+            loss = loss_sum * (world / global_count)
+            if extra_loss is not None and m == 0:
+                loss = loss + extra_loss(unwrapped, step)
+            accelerator.backward(loss)
+        step_loss += loss_sum.detach().double()
+        mask = inputs.get("attention_mask")  # padded examples: count real tokens only
+        step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+    # Loss and real (unpadded) tokens summed over processes in one collective: ranks hold different
+    # amounts of padding, so rank 0's count times the world size would be wrong for examples.
+    totals = accelerator.reduce(torch.stack([step_loss, torch.tensor(float(step_tokens), dtype=torch.float64,
+                                                                      device=step_loss.device)]), reduction="sum")
+    return (totals[0] / global_count).item(), int(totals[1].item())
+
+
+def stop_vote(accelerator: Any, time_up: bool, stop_now: bool) -> Tuple[bool, bool]:
+    """(time up, stop now) agreed by every process: each has its own clock and may see a signal a step later than
+    another, yet all must stop (and save, a collective under FSDP and DDP) at the same step, or the next
+    collective hangs. One process decides alone."""
+    if accelerator.num_processes == 1:
+        return time_up, stop_now
+    flags = accelerator.reduce(torch.tensor([float(time_up), float(stop_now)], device=accelerator.device),
+                               reduction="sum")
+    return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
 def _apply_hyperparameters(optimizer: Any, scheduler: Any, groups: List[Dict[str, Any]],
