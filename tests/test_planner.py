@@ -408,3 +408,13 @@ def test_cpu_allocator_keeps_freed_memory_unless_the_plan_is_tight():
     assert cpu_heap.set_cpu_allocator(tight, said.append) == "release"
     assert len(said) == 1 and "freed tensors go back to the OS" in said[0]
     cpu_heap.reuse_freed_cpu_memory()  # leave this test process as ftk leaves a roomy run
+
+
+def test_no_suggestion_pairs_8bit_adamw_with_fsdp(llama70b):
+    """FSDP refuses 8-bit AdamW (its state is not sharded): the planner must never propose both at once."""
+    full = estimate(llama70b, gpu(regime="full"), budget=24 * GB)
+    assert any("fsdp" in s.overrides for s in full.suggestions), [s.overrides for s in full.suggestions]
+    for s in full.suggestions:
+        assert not ("adamw_8bit" in s.overrides and "fsdp" in s.overrides), s.overrides
+    sharded = estimate(llama70b, gpu(regime="full", strategy="fsdp", devices=8), budget=24 * GB)
+    assert not any("adamw_8bit" in s.overrides for s in sharded.suggestions), [s.overrides for s in sharded.suggestions]

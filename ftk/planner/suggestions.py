@@ -50,7 +50,7 @@ def _candidates(shape: Shape, u: Setup) -> List[Tuple[str, Setup, int]]:
         per = _per_process(u)
         for m in sorted((d for d in range(1, u.micro_batch_size) if per % d == 0), reverse=True):
             out.append((f"hardware.micro_batch_size={m}", replace(u, micro_batch_size=m), RANK["micro_batch_size"]))
-    if u.optimizer != "adamw_8bit":
+    if u.optimizer != "adamw_8bit" and u.strategy != "fsdp":  # FSDP refuses 8-bit AdamW (ftk.session)
         out.append(("hardware.optimizer=adamw_8bit", replace(u, optimizer="adamw_8bit"), RANK["adamw_8bit"]))
     return out
 
@@ -83,9 +83,12 @@ def suggestions(shape: Shape, u: Setup, budget: int) -> List[Suggestion]:
 
 
 def _more_devices(shape: Shape, u: Setup, budget: int) -> Optional[Suggestion]:
-    """Shard weights, gradients and optimizer state over more GPUs (FSDP): the fewest that fit."""
+    """Shard weights, gradients and optimizer state over more GPUs (FSDP): the fewest that fit. FSDP refuses
+    8-bit AdamW (its state is not sharded), so a run that uses it is planned with the fused AdamW instead."""
     if u.device != "cuda":
         return None  # processes on one CPU share its memory: more of them do not help
+    switch = " hardware.optimizer=adamw_fused" if u.optimizer == "adamw_8bit" else ""
+    u = replace(u, optimizer="adamw_fused") if switch else u
     for world in (2, 4, 8, 16, 32, 64, 128, 256, 512):
         if world <= u.devices and u.strategy == "fsdp":
             continue
@@ -94,7 +97,7 @@ def _more_devices(shape: Shape, u: Setup, budget: int) -> Optional[Suggestion]:
         setup = replace(u, devices=world, strategy="fsdp", micro_batch_size=micro)
         total = _components(shape, setup).total
         if total <= budget:
-            return Suggestion(f"hardware.strategy=fsdp on {world} GPUs", total, True, RANK["fsdp"])
+            return Suggestion(f"hardware.strategy=fsdp{switch} on {world} GPUs", total, True, RANK["fsdp"])
     return None
 
 
@@ -107,7 +110,7 @@ def _combination(shape: Shape, u: Setup, budget: int) -> Optional[Suggestion]:
         steps.append(("hardware.gradient_checkpointing=true", lambda x: replace(x, gradient_checkpointing=True)))
     if u.micro_batch_size > 1:
         steps.append(("hardware.micro_batch_size=1", lambda x: replace(x, micro_batch_size=1)))
-    if u.optimizer != "adamw_8bit":
+    if u.optimizer != "adamw_8bit" and u.strategy != "fsdp":
         steps.append(("hardware.optimizer=adamw_8bit", lambda x: replace(x, optimizer="adamw_8bit")))
     setup, applied = u, []
     for text, change in steps:
@@ -116,8 +119,9 @@ def _combination(shape: Shape, u: Setup, budget: int) -> Optional[Suggestion]:
         total = _components(shape, setup).total
         if len(applied) > 1 and total <= budget:
             return Suggestion(" ".join(applied), total, True, len(RANK))
-    if len(applied) > 1:
-        more = _more_devices(shape, setup, budget)
+    if len(applied) > 1:  # sharded: without 8-bit AdamW, which FSDP refuses
+        applied = [text for text in applied if "adamw_8bit" not in text]
+        more = _more_devices(shape, replace(setup, optimizer=u.optimizer), budget)
         if more is not None:
             return Suggestion(" ".join(applied + [more.overrides]), more.total, True, len(RANK) + 1)
     return None
