@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from ftk.ranges import ranged
+from ftk.table import Table
 
 
 @dataclass
@@ -75,24 +76,11 @@ ROWS: Tuple[ObjectiveFacts, ...] = (
                    models="decoder", language_model=True, pretraining=False, peft_task_type="CAUSAL_LM"),
 )
 
-TABLE: Dict[str, ObjectiveFacts] = {row.name: row for row in ROWS}
-NAMES: Tuple[str, ...] = tuple(TABLE)
-
-
-def facts(name: Any) -> ObjectiveFacts:
-    """The row of objective `name` (a str or anything with a `.value`, e.g. an Enum member)."""
-    key = getattr(name, "value", name)
-    try:
-        return TABLE[key]
-    except KeyError:
-        raise KeyError(f"unknown objective {key!r}; objectives: {', '.join(NAMES)}") from None
-
-
-def settings_of(name: str) -> Any:
-    """The default settings of objective `name`, as a structured config."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.structured(facts(name).settings)
+_TABLE = Table("objective", ROWS)
+TABLE = _TABLE.by_name
+NAMES = _TABLE.names
+facts = _TABLE.facts                # the row of a objective by name
+settings_of = _TABLE.settings_of    # its default settings as a structured config
 
 
 def fits(name: Any, encoder: bool) -> bool:

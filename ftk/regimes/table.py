@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from ftk.ranges import ranged
+from ftk.table import Table
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -204,24 +205,11 @@ ROWS: Tuple[RegimeFacts, ...] = (
                 phased=True, lighter=("lora", "qlora")),
 )
 
-TABLE: Dict[str, RegimeFacts] = {row.name: row for row in ROWS}
-NAMES: Tuple[str, ...] = tuple(TABLE)
-
-
-def facts(name: Any) -> RegimeFacts:
-    """The row of regime `name` (a str or anything with a `.value`, e.g. an Enum member)."""
-    key = getattr(name, "value", name)
-    try:
-        return TABLE[key]
-    except KeyError:
-        raise KeyError(f"unknown regime {key!r}; regimes: {', '.join(NAMES)}") from None
-
-
-def settings_of(name: str) -> Any:
-    """The default settings of regime `name`, as a structured config (what `regime=<name>` composes to)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.structured(facts(name).settings)
+_TABLE = Table("regime", ROWS)
+TABLE = _TABLE.by_name
+NAMES = _TABLE.names
+facts = _TABLE.facts                # the row of a regime by name
+settings_of = _TABLE.settings_of    # its default settings as a structured config
 
 
 def of_peft_type(peft_type: str) -> List[RegimeFacts]:
