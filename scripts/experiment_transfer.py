@@ -332,13 +332,15 @@ def data_efficiency(runner: Runner, out: Path, tasks, bases, lrs, mode: Mode) ->
 def regimes(runner: Runner, out: Path, tasks, bases, wikitext: Path, mode: Mode) -> Dict[str, List[dict]]:
     calls, where = [], {}
     # a third of the steps on the head alone; the 4 blocks and the embeddings all unfrozen by the last sixth
-    phases = [f"regime.head_steps={max(1, mode.regime_steps // 3)}",
-              f"regime.unfreeze_every={max(1, mode.regime_steps // 6)}"] if mode.scaled_phases else []
+    # (each only where the regime has it: a key of another regime is refused)
+    phases = {"head_then_full": [f"regime.head_steps={max(1, mode.regime_steps // 3)}"],
+              "gradual_unfreeze": [f"regime.unfreeze_every={max(1, mode.regime_steps // 6)}"]} \
+        if mode.scaled_phases else {}
     for i, regime in enumerate(REGIMES):
         sweep = out / "runs" / "regimes" / f"{i}-{regime}"
         where[regime] = sweep
         calls.append((f"regime-{regime}", sweep / f"seed{mode.regime_seeds - 1}" / "summary.json",
-                      *classify(tasks["sst2"], bases["gpt"], f"regime={regime}", *phases,
+                      *classify(tasks["sst2"], bases["gpt"], f"regime={regime}", *phases.get(regime, ()),
                                 *([f"train.lr={mode.regime_lrs[regime]}"] if regime in mode.regime_lrs else []),
                                 f"data.train_examples={mode.regime_budget}", f"train.max_steps={mode.regime_steps}",
                                 f"forgetting.data_path={wikitext}", f"forgetting.max_blocks={mode.forgetting_blocks}"),

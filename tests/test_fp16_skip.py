@@ -48,6 +48,9 @@ def test_fp16_skip_keeps_training_with_a_grad_scaler(tmp_path):
     cfg = OmegaConf.merge(OmegaConf.structured(schemas.TrainConfig),
                           {"max_steps": 5, "batch_size": 4, "log_every": 1, "eval_every": 0, "eval_batches": 1,
                            "save_every": 0, "on_nonfinite": "skip", "lr": 1e-3, "warmup_steps": 0})
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests in this process set another precision
     accelerator = Accelerator(cpu=True, mixed_precision="fp16")  # CPU autocast to float16
     # What Accelerator sets up on CUDA for fp16: native AMP with a GradScaler (on the CPU it leaves both off).
     accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
