@@ -57,6 +57,20 @@ def test_the_installed_wheel_imports_ftk_from_itself(installed_wheel, tmp_path):
     assert str(installed_wheel) in where.stdout and str(REPO) not in where.stdout, where
 
 
+def test_the_installed_wheel_holds_every_package_of_the_source_tree(installed_wheel, tmp_path):
+    """Every folder with an __init__.py (ftk/planner, ftk/regimes, ...) is a package of the wheel: a list in
+    pyproject.toml that misses one is found here, whether or not a command happens to import it."""
+    folders = {"ftk": REPO / "ftk", "ftk.cli": REPO / "cli", "ftk.recipes": REPO / "recipes",
+               "ftk.configs": REPO / "configs"}
+    packages = sorted({f"{name}{'.' + '.'.join(init.parent.relative_to(root).parts) if init.parent != root else ''}"
+                       for name, root in folders.items() for init in root.rglob("__init__.py")
+                       if "__pycache__" not in init.parts})
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    done = subprocess.run([str(installed_wheel / "bin" / "python"), "-c", code, *packages],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert "ftk.planner" in packages and done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", SUBCOMMANDS)
 def test_every_subcommand_of_the_installed_wheel_runs(name, installed_wheel, tmp_path):
     # --help imports the recipe and composes its config from the packaged YAML: a missing subpackage
