@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import ftk, make_labelled, write_jsonl
-from tests.test_distributed import history, torchrun
+from tests.test_distributed import history, one_and_two_processes
 from tests.test_finetune import weights
 
 BASE = ["hardware=cpu", "hardware.precision=fp32", "hardware.num_threads=1", "train.batch_size=8", "train.seq_len=64",
@@ -25,10 +25,7 @@ def test_layers_unfrozen_after_wrapping_are_averaged_over_processes(regime, pret
     train = write_jsonl(tmp_path / "train.jsonl", make_labelled(96, seed=1))
     args = ["finetune", f"model.name_or_path={pretrained['gpt']}", *BASE, *regime, "train.max_steps=6",
             "train.eval_every=6", f"data.path={train}"]
-    assert ftk(*args, f"hydra.run.dir={tmp_path / 'one'}") == 0
-    done = torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    one, two = history(tmp_path / "one"), history(tmp_path / "two")
+    one, two = one_and_two_processes(args, tmp_path)
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)

@@ -29,6 +29,14 @@ def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def one_and_two_processes(args, tmp_path):
+    """The metrics histories of one command run in one process and, with torchrun, in two."""
+    assert ftk(*args, f"hydra.run.dir={tmp_path / 'one'}") == 0
+    done = torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return history(tmp_path / "one"), history(tmp_path / "two")
+
+
 def history(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -197,10 +205,7 @@ def test_length_grouped_classification_on_two_processes_matches_one(pretrained, 
             "hardware.precision=fp32", "hardware.num_threads=1", "train.batch_size=8", "train.seq_len=64",
             "train.max_steps=4", "train.log_every=1", "train.eval_every=4", "train.save_every=0",
             f"data.path={train}"]
-    assert ftk(*args, f"hydra.run.dir={tmp_path / 'one'}") == 0
-    done = torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    one, two = history(tmp_path / "one"), history(tmp_path / "two")
+    one, two = one_and_two_processes(args, tmp_path)
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["tokens"] == a["tokens"]
