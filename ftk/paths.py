@@ -44,10 +44,15 @@ def safe_dirname(text: str) -> str:
 
 
 def register_resolvers() -> None:
-    """`${ftk_dirname:...}` for the sweep subdir in configs/*.yaml (registered before Hydra composes)."""
+    """`${ftk_dirname:...}` for the sweep subdir and `${ftk_now:...}` for run folders in configs/*.yaml
+    (registered before Hydra composes)."""
     from omegaconf import OmegaConf
 
+    from ftk import launch_time
+
     OmegaConf.register_new_resolver("ftk_dirname", safe_dirname, replace=True)
+    # cached per config like Hydra's own `now`: one run folder however often it is read
+    OmegaConf.register_new_resolver("ftk_now", launch_time.now, use_cache=True, replace=True)
 
 
 def cache_root(configured: Optional[str]) -> Path:
