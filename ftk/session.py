@@ -75,8 +75,15 @@ def start(cfg: Any, run_dir: Path) -> Session:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.write_json(run_dir / "environment.json", {**runs.environment(), "plan": plan.as_dict(),
-                                                         "collective_timeout_s": _group_timeout_s()})
+                                                         "collective_timeout_s": _group_timeout_s(),
+                                                         "device_mesh": _mesh(accelerator)})
     return Session(plan, accelerator, say)
+
+
+def _mesh(accelerator: Any) -> Optional[str]:
+    """The device mesh FSDP shards over ("cpu x2"), when ftk chose one (else fully_shard's default)."""
+    mesh = accelerator.torch_device_mesh
+    return None if mesh is None else f"{mesh.device_type} x{mesh.size()}"
 
 
 def _torch_version() -> str:
@@ -218,6 +225,13 @@ def _fsdp_on_cpu(accelerator: Any, plugin: Any) -> None:
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
+    # A CPU mesh, said explicitly: fully_shard's default mesh is the machine's accelerator, so with
+    # hardware=cpu on a GPU machine the shards would go to CUDA under a gloo group (issue 16, finding 10).
+    from accelerate.utils import ParallelismConfig
+
+    parallelism = ParallelismConfig(dp_shard_size=state.num_processes)
+    state.parallelism_config = parallelism
+    state.device_mesh = parallelism.get_device_mesh("cpu")
     # Both shared states: every later AcceleratorState() copies PartialState's fields over its own (accelerate
     # itself writes FSDP into both on GPUs).
     state.distributed_type = DistributedType.FSDP

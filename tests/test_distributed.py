@@ -80,6 +80,8 @@ def test_fsdp_two_gloo_processes_match_one_process_resume_and_save_plain_hf(corp
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((double / "summary.json").read_text())
     assert summary["plan"]["world_size"] == 2 and summary["plan"]["strategy"] == "fsdp"
+    # The mesh is the CPU's, said explicitly: fully_shard's default would be CUDA's on a GPU machine.
+    assert json.loads((double / "environment.json").read_text())["device_mesh"] == "cpu x2"
     one, two = history(single), history(double)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]  # rank 0 writes alone
     for a, b in zip(one, two):
