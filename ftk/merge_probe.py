@@ -123,15 +123,20 @@ def probe_inputs(tokenizer: Any, vocab_rows: int, n_batches: int, length: int, s
     return probe
 
 
-def probe_logits(model: Any, probe: Probe) -> List[Any]:
-    """fp32 logits of every probe batch: per sequence for a classifier, per real (unpadded) token otherwise."""
+def probe_logits(model: Any, probe: Probe, to_host: bool = True) -> List[Any]:
+    """fp32 logits of every probe batch: per sequence for a classifier, per real (unpadded) token otherwise.
+    The inputs go to the model's device (a 4-bit base loads onto the GPU when there is one: host inputs made
+    its check fail there) and the logits come back to the host, where every model's are compared."""
     import torch
 
+    device = next(model.parameters()).device
     out = []
     with torch.no_grad():
-        for batch in probe.batches:
+        for host_batch in probe.batches:
+            batch = {key: value.to(device) for key, value in host_batch.items()}
             logits = model(**batch).logits.float()
-            out.append(logits if logits.dim() == 2 else logits[batch["attention_mask"].bool()])
+            logits = logits if logits.dim() == 2 else logits[batch["attention_mask"].bool()]
+            out.append(logits.cpu() if to_host else logits)
     return out
 
 

@@ -70,3 +70,15 @@ def test_classification_validation_keeps_every_sum_on_the_accelerator(kind):
 
     loss_sum, count = Classification().loss(model, {k: v.to("meta") for k, v in batch.items()})
     assert loss_sum.device == count.device == torch.device("meta")
+
+
+def test_merge_probe_feeds_a_model_on_an_accelerator_its_own_device():
+    """merge-adapter's QLoRA check loads the 4-bit base onto the GPU when there is one; its probe inputs are
+    made on the host and must follow the model (with host inputs the check failed and was skipped)."""
+    from ftk.merge_probe import Probe, probe_logits
+
+    model = _classifier("llama")  # a classifier's logits need no boolean mask, which meta tensors cannot index
+    ids = torch.randint(1, 64, (2, 8))
+    probe = Probe(length=8, batches=[{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    logits = probe_logits(model, probe, to_host=False)  # meta tensors have no values to bring back
+    assert logits[0].device.type == "meta" and tuple(logits[0].shape) == (2, 3)
