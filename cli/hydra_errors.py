@@ -161,8 +161,31 @@ def bracket_lists(overrides: List[str], list_keys) -> List[str]:
     return out
 
 
+def _hydra_quoted(text: str) -> str:
+    """`text` inside Hydra single quotes: a quote and the backslashes right before a quote (or the end) are
+    escaped, and `${` too, so a prompt is never read as an interpolation."""
+    import re
+
+    text = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
+    return text.replace("${", "\\${")
+
+
+def quote_texts(overrides: List[str], text_keys) -> List[str]:
+    """`prompts=Once upon a time, there` is one text for keys that hold free text: quoted for Hydra, whose
+    grammar would read its comma as a sweep and choke on quotes and brackets inside it. A value that is
+    already a Hydra list or quoted string is left as the user wrote it."""
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and key in text_keys and not value.startswith(("[", "'", '"')):
+            o = f"{key}='{_hydra_quoted(value)}'"
+        out.append(o)
+    return out
+
+
 def run_recipe(recipe: ModuleType, name: str, overrides: List[str]) -> int:
     overrides = bracket_lists(overrides, getattr(recipe, "LIST_KEYS", ()))
+    overrides = quote_texts(overrides, getattr(recipe, "TEXT_KEYS", ()))
     if getattr(recipe, "CLAIMS_RUN_DIR", False) and not any(o.startswith("hydra.output_subdir=") for o in overrides):
         from ftk.run_claim import pending_name
 

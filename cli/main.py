@@ -20,6 +20,7 @@ COMMANDS: Dict[str, Tuple[Optional[str], str]] = {
     "finetune": ("ftk.recipes.finetune", "adapt a pretrained model to a task: full, feature extraction, LoRA, QLoRA, prompt tuning, ..."),
     "evaluate": ("ftk.recipes.evaluate", "perplexity, task accuracy, in-context learning and forgetting of a model or adapter"),
     "merge-adapter": ("ftk.recipes.merge_adapter", "merge a LoRA adapter into its base and write a standalone Hugging Face model"),
+    "generate": ("ftk.recipes.generate", "text from a model or base + adapter: sampled or greedy, batched, optionally scored"),
     "estimate": ("ftk.recipes.estimate", "memory per device of a run (weights, gradients, optimizer, activations): fits or not, and what would"),
 }
 
@@ -34,6 +35,7 @@ examples:
   ftk finetune -m regime=full,feature_extraction,lora,prompt_tuning   # + comparison.md for the sweep
   ftk evaluate model.name_or_path=runs/pt/final data.path=valid.txt
   ftk merge-adapter adapter_path=runs/ft/final output_dir=runs/merged
+  ftk generate model.name_or_path=runs/pt/final prompts="Once upon a time" sampling.samples_per_prompt=3
   ftk estimate model.name_or_path=meta-llama/Llama-2-7b-hf regime=qlora hardware=gpu-24gb   # will it fit?
 
 Every subcommand takes Hydra overrides (key=value, group=option, +recipe=NAME) and Hydra flags

@@ -154,6 +154,13 @@ def write_json(path: Path, data: Dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def write_jsonl(path: Path, rows: List[Dict[str, Any]]) -> None:
+    """One JSON object per line, written whole or not at all."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    tmp.replace(path)
+
+
 def format_duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)

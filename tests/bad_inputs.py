@@ -29,7 +29,7 @@ TINY_FT = ("hardware=cpu", "hardware.precision=fp32", "train.seq_len=32", "train
 @dataclass(frozen=True)
 class Case:
     name: str
-    command: str                # pretrain | finetune | evaluate | merge-adapter | estimate
+    command: str                # pretrain | finetune | evaluate | merge-adapter | estimate | generate
     args: Tuple[str, ...]
     expect: str                 # text of the one error line
     prepare: Optional[Callable[[Path, World], None]] = None
@@ -55,6 +55,13 @@ class Case:
 
 
 # ------------------------------------------------------------------------------------------- preparations
+
+
+def _broken_prompts(tmp: Path, w: World) -> None:
+    (tmp / "p.jsonl").write_text('{"prompt": "fine"}\n{"prompt": \n')
+    (tmp / "fields.jsonl").write_text('{"question": "what"}\n')
+    (tmp / "blank.txt").write_text("\n  \n")
+    (tmp / "fake.txt.gz").write_text("not gzip at all")
 
 
 def _damaged_model(tmp: Path, w: World) -> None:
@@ -274,6 +281,39 @@ CASES: List[Case] = [
     Case("sweep value with ../ (job folder stays inside)", "pretrain",
          ("-m", *TINY, "data.text_column=../../../../escaped", "train.seed=-1", "hydra.sweep.dir={tmp}/run/sweep"),
          "train.seed=-1 is out of range", run_dir=False),
+    # --- ftk generate -------------------------------------------------------------------------------------------
+    Case("generate without prompts", "generate", ("model.name_or_path={model}", "hardware=cpu"), "no prompts: pass"),
+    Case("generate prompts file missing", "generate", ("model.name_or_path={model}", "prompts={tmp}/nope.jsonl"),
+         "no such file"),
+    Case("generate prompts not JSONL", "generate", ("model.name_or_path={model}", "prompts={tmp}/p.jsonl"),
+         "line 2 is not JSON", _broken_prompts),
+    Case("generate prompts without the field", "generate", ("model.name_or_path={model}",
+                                                             "prompts={tmp}/fields.jsonl"),
+         "has no 'prompt' text (fields: question)", _broken_prompts),
+    Case("generate blank prompts file", "generate", ("model.name_or_path={model}", "prompts={tmp}/blank.txt"),
+         "no prompts in it", _broken_prompts),
+    Case("generate prompts fake gzip", "generate", ("model.name_or_path={model}", "prompts={tmp}/fake.txt.gz"),
+         "cannot be read", _broken_prompts),
+    Case("generate greedy with several samples", "generate", ("model.name_or_path={model}", "prompts=the old man",
+                                                              "sampling.do_sample=false",
+                                                              "sampling.samples_per_prompt=3"),
+         "gives the same greedy text every time"),
+    Case("generate past the positions", "generate", ("model.name_or_path={model}", "prompts=the old man",
+                                                     "sampling.max_new_tokens=500"),
+         "exceed the model's 128 positions"),
+    Case("generate temperature=-1", "generate", ("model.name_or_path={model}", "prompts=a", "sampling.temperature=-1"),
+         "sampling.temperature=-1.0 is out of range"),
+    Case("generate temperature=0 with several samples", "generate", ("model.name_or_path={model}", "prompts=a",
+                                                                     "sampling.temperature=0",
+                                                                     "sampling.samples_per_prompt=2"),
+         "with sampling.temperature=0 gives the same greedy text"),
+    Case("generate score_with a language model", "generate", ("model.name_or_path={model}", "prompts=a",
+                                                              "score_with={model}", "sampling.max_new_tokens=2"),
+         "is not a classifier or reward model"),
+    Case("generate score_label unknown", "generate", ("model.name_or_path={model}", "prompts=a",
+                                                      "score_with={adapter}", "score_label=banana",
+                                                      "sampling.max_new_tokens=2"),
+         "score_label=banana is not a label of"),
 ]
 
 

@@ -108,6 +108,11 @@ def prompt_ids(tokenizer: Any, instruction: str, input: Optional[str] = None) ->
     return _prompt_tokens(tokenizer, text, mode)
 
 
+def plain_text_ids(tokenizer: Any, text: str) -> List[int]:
+    """A text as a language model continues it: the tokenizer's BOS if it adds one, no EOS after it."""
+    return _prompt_tokens(tokenizer, text, PLAIN)
+
+
 def _encode(tokenizer: Any, text: str) -> List[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
