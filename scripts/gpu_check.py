@@ -4,7 +4,8 @@
     python scripts/gpu_check.py --workdir /tmp/gc   # keep the runs there (default: a temporary folder)
 
 Cases: the default pretrain, the default classification fine-tune with validation, LoRA, QLoRA (when
-bitsandbytes is installed), gradual_unfreeze with torch.compile, early stopping, evaluate, merge-adapter, and
+bitsandbytes is installed), gradual_unfreeze with torch.compile, early stopping, evaluate, merge-adapter,
+generate (base + adapter, batched sampling), and
 with 2+ GPUs DDP and FSDP over torchrun (`--distributed` runs those as 2 gloo processes on a CPU). Each row:
 pass/fail, tokens/s, peak memory against the memory planner's estimate (on CUDA torch's peak allocated bytes,
 which is what the planner estimates; reserved in brackets). Ends with `gpu check: N passed, M failed`; the
@@ -110,6 +111,9 @@ def cases(work: Path, data: dict, cuda: bool, gpus: int, distributed: bool) -> L
         Case("merge-adapter", ["merge-adapter", f"adapter_path={work / 'finetune-lora' / 'final'}",
                                f"output_dir={work / 'merged'}"], output=work / "merged",
              needs=["finetune lora"]),
+        Case("generate", ["generate", *hw, f"adapter_path={work / 'finetune-lora' / 'final'}",
+                          "prompts=[the old man said,it is]", "sampling.samples_per_prompt=2",
+                          "sampling.max_new_tokens=16"], needs=["finetune lora"]),
     ]
     if gpus >= 2 or distributed:
         n = max(2, gpus) if cuda else 2

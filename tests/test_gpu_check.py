@@ -14,9 +14,9 @@ def test_gpu_check_runs_every_case_at_toy_size_on_a_cpu(tmp_path):
                           capture_output=True, text=True, timeout=900)
     lines = done.stdout.strip().splitlines()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert lines[-1] == "gpu check: 8 passed, 0 failed", lines[-12:]
-    rows = {line[:38].strip(): line[38:].split()[0] for line in lines[-9:-1]}
+    assert lines[-1] == "gpu check: 9 passed, 0 failed", lines[-12:]
+    rows = {line[:38].strip(): line[38:].split()[0] for line in lines[-10:-1]}
     assert rows == {case: "pass" for case in (
         "pretrain (default)", "finetune classification + validation", "finetune lora", "finetune qlora",
-        "gradual_unfreeze + compile", "early stopping", "evaluate", "merge-adapter")}, lines[-10:]
+        "gradual_unfreeze + compile", "early stopping", "evaluate", "merge-adapter", "generate")}, lines[-10:]
     assert (tmp_path / "merged" / "config.json").is_file()
