@@ -67,12 +67,15 @@ def test_masked_lm_accuracy_is_seeded_and_pseudo_perplexity_is_optional(pretrain
     assert a["pseudo_perplexity"] > 1 and "pseudo_perplexity" not in b
 
 
-def test_classification_metrics_from_a_base_plus_adapter(pretrained, tmp_path):
+@pytest.mark.parametrize("regime, steps", [("lora", 30), ("dora", 6), ("ia3", 6)])
+def test_classification_metrics_from_a_base_plus_adapter(regime, steps, pretrained, tmp_path):
+    """Every adapter regime's final/ evaluates to the accuracy its run reported (DoRA's magnitude vectors and
+    IA3's scaling vectors must load back with the adapter, and the head with them)."""
     train = write_jsonl(tmp_path / "train.jsonl", make_labelled(96, seed=1))
     test = write_jsonl(tmp_path / "test.jsonl", make_labelled(30, seed=2))
     ft = tmp_path / "ft"
-    assert ftk("finetune", f"model.name_or_path={pretrained['gpt']}", *CPU, "regime=lora", "train.lr=5e-3",
-               "train.max_steps=30", "train.batch_size=8", "train.seq_len=64", "train.eval_every=0",
+    assert ftk("finetune", f"model.name_or_path={pretrained['gpt']}", *CPU, f"regime={regime}", "train.lr=5e-3",
+               f"train.max_steps={steps}", "train.batch_size=8", "train.seq_len=64", "train.eval_every=0",
                "train.save_every=0", f"data.path={train}", f"data.validation_path={test}",
                f"hydra.run.dir={ft}") == 0
     reported = json.loads((ft / "summary.json").read_text())["final_eval_accuracy"]
