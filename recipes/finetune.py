@@ -118,8 +118,15 @@ def finetune(cfg: DictConfig) -> dict:
     if cfg.forgetting.replay_fraction > 0:
         replay = _replay(cfg, base, base_config, model, objective, lm_objective, tokenizer, session, say)
 
-    with PeakMemory(session.plan.device) as memory:
-        result = train.run(model=model, tokenizer=tokenizer, objective=_objective(cfg, tokenizer),
+    task_objective = _objective(cfg, tokenizer)
+    reference = "none"
+    with PeakMemory(session.plan.device) as memory:  # a reference copy is part of what training holds
+        if objective_facts(objective).data == "preferences":
+            from ftk import preference_setup
+
+            reference = preference_setup.attach_reference(task_objective, cfg, regime, model, base, base_config,
+                                                          data, session, base_fingerprint, say)
+        result = train.run(model=model, tokenizer=tokenizer, objective=task_objective,
                            source=data.source, train_cfg=cfg.train, plan=session.plan,
                            accelerator=session.accelerator, run_dir=run_dir, resume_from=resume_from,
                            callbacks=prepared.callbacks, extra_loss=forgetting.combine(replay, l2sp),
@@ -165,7 +172,8 @@ def finetune(cfg: DictConfig) -> dict:
         "peak_memory_bytes": memory.peak, "peak_memory_added_bytes": memory.added,
         "peak_memory_reserved_bytes": memory.reserved,
         "planned_memory_bytes": planned.total if planned is not None else None,
-        "lr": cfg.train.lr, "labels": data.labels, "data": data.description,
+        "lr": cfg.train.lr, "labels": data.labels, "data": data.description, "data_stats": data.stats,
+        **({"reference": reference} if reference != "none" else {}),
         "train_examples": data.n_train, "validation_examples": data.n_validation,
         "best_step": result.state.extra.get("best_step"), "stopped_early": bool(result.state.extra.get("stopped_early")),
         **{f"final_{k}": v for k, v in result.final_eval.items()}, **test_result,
