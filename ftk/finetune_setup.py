@@ -171,15 +171,20 @@ def load_tokenizer(base: str, trust_remote_code: bool) -> Any:
     return tokenizer
 
 
-def load_task_model(cfg: Any, base: str, objective: Objective, regime: str, tokenizer: Any, labels: List[str],
-                    config: Any, precision: str = "fp32", device: str = "cpu") -> Tuple[Any, List[str]]:
-    """The base with the head the objective needs; returns (model, names of freshly initialised parameters)."""
+def check_fits_model(base: str, objective: Objective, config: Any) -> None:
+    """Refuse an objective the model cannot train (a causal-LM objective on an encoder, and the reverse)."""
     encoder = is_encoder(config)
     if not fits(objective, encoder):
         kind = "an encoder" if encoder else "a decoder"
         fitting = " or ".join(name for name in NAMES if fits(name, encoder))
         raise UsageError(f"{base} is {kind} ({config.model_type}) and cannot be trained with "
                          f"objective={objective.value}; use objective={fitting}")
+
+
+def load_task_model(cfg: Any, base: str, objective: Objective, regime: str, tokenizer: Any, labels: List[str],
+                    config: Any, precision: str = "fp32", device: str = "cpu") -> Tuple[Any, List[str]]:
+    """The base with the head the objective needs; returns (model, names of freshly initialised parameters)."""
+    check_fits_model(base, objective, config)
     kwargs: dict = {"trust_remote_code": cfg.model.trust_remote_code, "output_loading_info": True}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation

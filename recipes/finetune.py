@@ -73,6 +73,7 @@ def finetune(cfg: DictConfig) -> dict:
         base_config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read the config of model '{base}': {first_line(exc)}") from None
+    setup.check_fits_model(base, objective, base_config)  # before the data is read: e.g. dpo on an encoder
     from ftk import planner
     from ftk import cpu_heap
 
