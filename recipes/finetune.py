@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ftk import schemas
 from ftk.errors import UsageError, first_line, reported
@@ -184,7 +184,8 @@ def finetune(cfg: DictConfig) -> dict:
               "labels": data.labels,
               "adapter": prepared.adapter, "quantized_base": regime.quantized,
               "append_eos": data.append_eos, "seq_len": cfg.train.seq_len,
-              "padding_side": padding_side, "base_fingerprint": base_fingerprint}
+              "padding_side": padding_side, "base_fingerprint": base_fingerprint,
+              "objective_settings": OmegaConf.to_container(cfg.objective, resolve=True, enum_to_str=True)}
     rows = [("regime", regime.name + (" (from random initialisation)" if cfg.model.random_init else "")),
             ("peak memory (added)", f"{memory.added / 2**20:,.0f} MiB")]
     if test_result:

@@ -183,6 +183,19 @@ def test_dpo_lora_learns_the_preference_and_logs_rewards(pretrained, pairs_file,
     from transformers import AutoModelForCausalLM
 
     assert type(AutoModelForCausalLM.from_pretrained(merged)).__name__ == "GPT2LMHeadModel"
+    # ftk evaluate eval=preference on the held-out pairs: the adapter against itself switched off gives the pair
+    # accuracy validation measured; the merged model against its base (eval.reference) the same
+    scored = []
+    for name, args in (("adapter", [f"adapter_path={run / 'final'}"]),
+                       ("merged", [f"model.name_or_path={merged}", f"eval.reference={pretrained['gpt']}",
+                                   "eval=preference"])):
+        out = tmp_path / f"eval-{name}"
+        assert ftk("evaluate", *args, f"data.path={pairs_file['dev']}", "hardware=cpu", f"hydra.run.dir={out}") == 0
+        scored.append(json.loads((out / "metrics.json").read_text())["preference"])
+    for p in scored:
+        assert p["pairs"] == 16 and p["accuracy"] == summary["final_eval_accuracy"]
+        assert 0 <= p["longer_wins"] <= 1 and 0 <= p["reference_likelihood_wins"] <= 1
+        assert abs(p["margin"] - summary["final_eval_margin"]) < 1e-3
 
 
 def test_full_regime_uses_a_frozen_16bit_copy_and_precomputed_is_cached_by_base(pretrained, pairs_file, tmp_path,
@@ -238,6 +251,14 @@ def test_reward_model_on_decoders_and_encoders(model, pretrained, pairs_file, tm
 
     head = AutoModelForSequenceClassification.from_pretrained(run / "final")
     assert head.config.num_labels == 1
+    out = tmp_path / "eval"
+    assert ftk("evaluate", f"model.name_or_path={run / 'final'}", f"data.path={pairs_file['dev']}", "hardware=cpu",
+               f"hydra.run.dir={out}") == 0
+    scored = json.loads((out / "metrics.json").read_text())
+    assert scored["kind"] == "preference" and scored["preference"]["kind"] == "reward model"
+    assert scored["preference"]["accuracy"] == summary["final_eval_accuracy"]
+    # a decoder reward model's base is a causal LM: its log-likelihood preference is the second baseline
+    assert ("reference_likelihood_wins" in scored["preference"]) == (model == "gpt")
 
 
 def test_margin_column_shifts_the_reward_loss(pretrained, tmp_path):
