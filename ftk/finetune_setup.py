@@ -38,9 +38,16 @@ def choose_base(name_or_path: Optional[str]) -> Tuple[str, str]:
 def padding_side(objective: Objective, regime: str, config: Any) -> str:
     """Right padding keeps positions exact; but a decoder classifier fed a soft prompt gets inputs_embeds and
     can no longer find its last real token, so it reads the last position: then pad on the left."""
-    if objective is Objective.classification and facts(regime).left_pad_decoder_classifier and not is_encoder(config):
+    if _scores_sequences(objective) and facts(regime).left_pad_decoder_classifier and not is_encoder(config):
         return "left"
     return "right"
+
+
+def _scores_sequences(objective: Objective) -> bool:
+    """Its head is a sequence classifier (classification, reward models)."""
+    from ftk.objectives.table import facts as objective_facts
+
+    return objective_facts(objective).head == "sequence_classification"
 
 
 def is_encoder(config: Any) -> bool:
@@ -65,6 +72,7 @@ class TaskData:
     n_validation: int = 0
     append_eos: bool = False
     test: Optional[Any] = None      # data.test_path as a source whose validation batches are the test set
+    stats: dict = field(default_factory=dict)  # what loading counted (dropped, truncated), for summary.json
 
 
 def task_data(cfg: Any, objective: Objective, tokenizer: Any, config: Any, say: Say,
@@ -77,6 +85,10 @@ def task_data(cfg: Any, objective: Objective, tokenizer: Any, config: Any, say: 
         return _labelled_data(cfg, tokenizer, config, say, padding_side)
     if kind == "instructions":
         return _sft_data(cfg, tokenizer, say)
+    if kind == "preferences":
+        from ftk.preference_setup import preference_data
+
+        return preference_data(cfg, objective, tokenizer, config, say, padding_side)
     return _text_data(cfg, tokenizer, say)
 
 
@@ -159,19 +171,24 @@ def load_tokenizer(base: str, trust_remote_code: bool) -> Any:
     return tokenizer
 
 
-def load_task_model(cfg: Any, base: str, objective: Objective, regime: str, tokenizer: Any, labels: List[str],
-                    config: Any, precision: str = "fp32", device: str = "cpu") -> Tuple[Any, List[str]]:
-    """The base with the head the objective needs; returns (model, names of freshly initialised parameters)."""
+def check_fits_model(base: str, objective: Objective, config: Any) -> None:
+    """Refuse an objective the model cannot train (a causal-LM objective on an encoder, and the reverse)."""
     encoder = is_encoder(config)
     if not fits(objective, encoder):
         kind = "an encoder" if encoder else "a decoder"
         fitting = " or ".join(name for name in NAMES if fits(name, encoder))
         raise UsageError(f"{base} is {kind} ({config.model_type}) and cannot be trained with "
                          f"objective={objective.value}; use objective={fitting}")
+
+
+def load_task_model(cfg: Any, base: str, objective: Objective, regime: str, tokenizer: Any, labels: List[str],
+                    config: Any, precision: str = "fp32", device: str = "cpu") -> Tuple[Any, List[str]]:
+    """The base with the head the objective needs; returns (model, names of freshly initialised parameters)."""
+    check_fits_model(base, objective, config)
     kwargs: dict = {"trust_remote_code": cfg.model.trust_remote_code, "output_loading_info": True}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
-    if objective is Objective.classification:
+    if _scores_sequences(objective):  # reward models: one label, the score
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={name: i for i, name in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
     cls = auto_class(objective)

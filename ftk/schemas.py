@@ -110,6 +110,13 @@ class DataConfig:
     instruction_column: str = "instruction"  # finetune objective=sft: the instruction ...
     input_column: str = "input"            # ... an optional input (context) ...
     response_column: str = "output"        # ... and the response (Alpaca's `output`; `response` also found)
+    # preference objectives (dpo, simpo, orpo, reward): the prompt (absent: chosen and rejected are whole
+    # dialogues sharing it, as in Anthropic HH), the preferred and the other response, and for reward models an
+    # optional column of margins (how much better chosen is); text or chat message lists
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    margin_column: Optional[str] = None
     hub_config: Optional[str] = None       # hub datasets only: configuration name (e.g. wikitext-2-raw-v1)
     split: str = "train"                   # hub datasets only: split to train on
     validation_split: Optional[str] = None  # hub datasets only: split to validate on (e.g. validation)
@@ -286,6 +293,11 @@ def validate_finetune(cfg: Any) -> None:
         _require(getattr(d, key) is None or classification,
                  f"data.{key} applies to objective=classification only; drop it, or score other objectives "
                  "with `ftk evaluate`")
+    o = cfg.objective
+    _require(not (o.get("loss") == "ipo" and o.get("label_smoothing")),
+             "objective.label_smoothing applies to objective.loss=sigmoid (conservative DPO), not ipo; drop it")
+    _require(d.margin_column is None or o.name == "reward",
+             f"data.margin_column applies to objective=reward only, not {o.name}; drop it")
     if cfg.model.random_init:
         _require(not (f.data_path or f.replay_fraction or f.l2sp),
                  "model.random_init=true has no pretrained knowledge to forget or keep; drop forgetting.data_path, "

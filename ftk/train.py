@@ -139,17 +139,22 @@ def _step_of(line: str) -> float:
 
 
 def validation_sums(model: Any, objective: Any, inputs: Dict[str, torch.Tensor], device: Any) -> torch.Tensor:
-    """(loss sum, target count, correct predictions) of one validation batch, as one float64 tensor on `device`.
+    """(loss sum, target count, correct predictions, then the sums of the objective's `metric_names`) of one
+    validation batch, as one float64 tensor on `device`.
 
     Each part is moved to `device` before stacking: an objective may count on the host (a 0-dim CPU tensor
     is fine in arithmetic with CUDA tensors, but torch.stack refuses to mix devices)."""
     if hasattr(objective, "eval_sums"):  # task objectives also count correct predictions
         sums = objective.eval_sums(model, inputs)
-        parts = (sums["loss_sum"], sums["count"], sums["correct"])
+        parts = (sums["loss_sum"], sums["count"], sums["correct"], *(sums[k] for k in _metric_names(objective)))
     else:
         loss_sum, count = objective.loss(model, inputs)
         parts = (loss_sum, count, torch.zeros(()))
     return torch.stack([torch.as_tensor(p).to(device=device, dtype=torch.float64) for p in parts])
+
+
+def _metric_names(objective: Any) -> Tuple[str, ...]:
+    return tuple(getattr(objective, "metric_names", ()))
 
 
 @torch.no_grad()
@@ -165,7 +170,8 @@ def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit:
         model = accelerator.unwrap_model(model, keep_torch_compile=False)
     was_training = model.training
     model.eval()
-    total = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, count, correct
+    # loss sum, count, correct, and the objective's own figures
+    total = torch.zeros(3 + len(_metric_names(objective)), dtype=torch.float64, device=accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
     seen, mine, first = 0, 0, None
     for i, batch in enumerate(source.validation_batches(batch_size, limit)):
@@ -185,7 +191,9 @@ def evaluate(model: Any, objective: Any, source: Source, batch_size: int, limit:
     loss = (total[0] / total[1].clamp(min=1)).item()
     if getattr(objective, "language_model", True):
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-    return {"eval_loss": loss, "eval_accuracy": (total[2] / total[1].clamp(min=1)).item()}
+    own = {f"eval_{name}": (total[3 + i] / total[1].clamp(min=1)).item()
+           for i, name in enumerate(_metric_names(objective))}
+    return {"eval_loss": loss, "eval_accuracy": (total[2] / total[1].clamp(min=1)).item(), **own}
 
 
 def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg: Any, plan: Plan,
@@ -265,6 +273,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
 
     model.train()
     window_start, window_tokens, window_loss, window_count = time.perf_counter(), 0, 0.0, 0.0
+    window_metrics: Dict[str, float] = {}  # the objective's own figures, summed over the window's steps
     run_start_elapsed, loop_start = state.elapsed, time.perf_counter()
     try:
         with StopRequest() as stop:
@@ -279,7 +288,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                                                                    (m + 1) * plan.micro_batch_size]),
                             step_seed(t.seed, step, rank, stream=2 + m), accelerator.device)
                     for m in range(plan.grad_accum)]
-                loss_value, step_tokens_global = accumulate_gradients(
+                loss_value, step_tokens_global, step_metrics = accumulate_gradients(
                     model, unwrapped, objective, micro_inputs, accelerator, extra_loss, step)
                 late_grads()
                 grad_norm = None
@@ -320,6 +329,8 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                 if math.isfinite(loss_value):
                     window_loss += loss_value
                     window_count += 1
+                    for key, value in step_metrics.items():
+                        window_metrics[key] = window_metrics.get(key, 0.0) + value
                 state.elapsed = run_start_elapsed + (time.perf_counter() - loop_start)
                 if result.first_step_s is None and started_at is not None:
                     result.first_step_s = time.time() - started_at
@@ -331,11 +342,13 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                     record = {"step": state.step, "loss": window_loss / max(window_count, 1),
                               "lr": scheduler.get_last_lr()[0], "tokens": state.tokens, "tokens_per_s": tps,
                               "elapsed_s": round(state.elapsed, 3), "epoch": round(stream.epoch_at(state.samples), 4)}
+                    record.update({k: v / max(window_count, 1) for k, v in window_metrics.items()})
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
                     eta = (t.max_steps - state.step) * (now - window_start) / max(1, window_count)
                     progress.update(state.step, record["loss"], record["lr"], tps, eta)
                     window_start, window_tokens, window_loss, window_count = now, 0, 0.0, 0.0
+                    window_metrics = {}
                 time_up, stop_now = stop_vote(accelerator, t.max_minutes is not None and
                                               state.elapsed >= 60 * t.max_minutes, stop.requested)
                 at_end = state.step == t.max_steps or time_up
@@ -394,20 +407,27 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
 
 def accumulate_gradients(model: Any, unwrapped: Any, objective: Any, micro_inputs: List[Dict[str, torch.Tensor]],
                          accelerator: Any, extra_loss: Optional[Callable[[Any, int], torch.Tensor]],
-                         step: int) -> Tuple[float, int]:
+                         step: int) -> Tuple[float, int, Dict[str, float]]:
     """The gradients of one optimizer step, accumulated over this process's micro-batches; returns the step's
-    loss (mean over every target of the global batch) and its real (unpadded) tokens over all processes."""
+    loss (mean over every target of the global batch), its real (unpadded) tokens over all processes, and the
+    objective's own figures (`metric_names`), each a mean over every target of the global batch."""
     world = accelerator.num_processes
     # Every target token of the global batch weighs the same: divide by the global count.
     local_count = sum(objective.targets(inp) for inp in micro_inputs)
     global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device),
                                       reduction="sum").clamp(min=1.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    names = _metric_names(objective)
+    step_metrics = torch.zeros(len(names), dtype=torch.float64, device=accelerator.device)
     step_tokens = 0
     for m, inputs in enumerate(micro_inputs):
         last = m == len(micro_inputs) - 1
         with accelerator.no_sync(model) if not last else _null():
-            loss_sum, _ = objective.loss(model, inputs)
+            if names:
+                loss_sum, _, sums = objective.loss_with_metrics(model, inputs)
+                step_metrics += torch.stack([torch.as_tensor(sums[k]).to(step_metrics) for k in names])
+            else:
+                loss_sum, _ = objective.loss(model, inputs)
             # DDP averages gradients over processes; scale by world so the result is the global mean.
             loss = loss_sum * (world / global_count)
             if extra_loss is not None and m == 0:
@@ -418,9 +438,11 @@ def accumulate_gradients(model: Any, unwrapped: Any, objective: Any, micro_input
         step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
     # Loss and real (unpadded) tokens summed over processes in one collective: ranks hold different
     # amounts of padding, so rank 0's count times the world size would be wrong for examples.
-    totals = accelerator.reduce(torch.stack([step_loss, torch.tensor(float(step_tokens), dtype=torch.float64,
-                                                                      device=step_loss.device)]), reduction="sum")
-    return (totals[0] / global_count).item(), int(totals[1].item())
+    totals = accelerator.reduce(torch.cat([torch.stack([step_loss, torch.tensor(float(step_tokens), dtype=torch.float64,
+                                                                                 device=step_loss.device)]),
+                                           step_metrics]), reduction="sum")
+    means = (totals[2:] / global_count).tolist()
+    return (totals[0] / global_count).item(), int(totals[1].item()), dict(zip(names, means))
 
 
 def stop_vote(accelerator: Any, time_up: bool, stop_now: bool) -> Tuple[bool, bool]:

@@ -43,7 +43,11 @@ def evaluate(cfg: DictConfig) -> dict:
     e = cfg.eval
     kind = EvalKind(e.kind)
     if kind is EvalKind.auto:
+        from ftk.evaluation.preference import PREFERENCE_OBJECTIVES
+
         kind = EvalKind.classification if target.objective == "classification" else EvalKind.perplexity
+        if target.objective in PREFERENCE_OBJECTIVES:
+            kind = EvalKind.preference
     from ftk import hardware
     from rich.console import Console
 
@@ -58,6 +62,10 @@ def evaluate(cfg: DictConfig) -> dict:
         results.update(_perplexity(cfg, target, device, say))
     elif kind is EvalKind.classification:
         results.update(_classification(cfg, target, device, say))
+    elif kind is EvalKind.preference:
+        from ftk.evaluation import preference
+
+        results["preference"] = preference.evaluate(cfg, target, device, say)
     else:
         results.update(_icl(cfg, target, device, say))
     results["wall_time_s"] = round(time.time() - started, 2)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ftk import schemas
 from ftk.errors import UsageError, first_line, reported
@@ -73,6 +73,7 @@ def finetune(cfg: DictConfig) -> dict:
         base_config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read the config of model '{base}': {first_line(exc)}") from None
+    setup.check_fits_model(base, objective, base_config)  # before the data is read: e.g. dpo on an encoder
     from ftk import planner
     from ftk import cpu_heap
 
@@ -118,8 +119,15 @@ def finetune(cfg: DictConfig) -> dict:
     if cfg.forgetting.replay_fraction > 0:
         replay = _replay(cfg, base, base_config, model, objective, lm_objective, tokenizer, session, say)
 
-    with PeakMemory(session.plan.device) as memory:
-        result = train.run(model=model, tokenizer=tokenizer, objective=_objective(cfg, tokenizer),
+    task_objective = _objective(cfg, tokenizer)
+    reference = "none"
+    with PeakMemory(session.plan.device) as memory:  # a reference copy is part of what training holds
+        if objective_facts(objective).data == "preferences":
+            from ftk import preference_setup
+
+            reference = preference_setup.attach_reference(task_objective, cfg, regime, model, base, base_config,
+                                                          data, session, base_fingerprint, say)
+        result = train.run(model=model, tokenizer=tokenizer, objective=task_objective,
                            source=data.source, train_cfg=cfg.train, plan=session.plan,
                            accelerator=session.accelerator, run_dir=run_dir, resume_from=resume_from,
                            callbacks=prepared.callbacks, extra_loss=forgetting.combine(replay, l2sp),
@@ -165,7 +173,8 @@ def finetune(cfg: DictConfig) -> dict:
         "peak_memory_bytes": memory.peak, "peak_memory_added_bytes": memory.added,
         "peak_memory_reserved_bytes": memory.reserved,
         "planned_memory_bytes": planned.total if planned is not None else None,
-        "lr": cfg.train.lr, "labels": data.labels, "data": data.description,
+        "lr": cfg.train.lr, "labels": data.labels, "data": data.description, "data_stats": data.stats,
+        **({"reference": reference} if reference != "none" else {}),
         "train_examples": data.n_train, "validation_examples": data.n_validation,
         "best_step": result.state.extra.get("best_step"), "stopped_early": bool(result.state.extra.get("stopped_early")),
         **{f"final_{k}": v for k, v in result.final_eval.items()}, **test_result,
@@ -175,7 +184,8 @@ def finetune(cfg: DictConfig) -> dict:
               "labels": data.labels,
               "adapter": prepared.adapter, "quantized_base": regime.quantized,
               "append_eos": data.append_eos, "seq_len": cfg.train.seq_len,
-              "padding_side": padding_side, "base_fingerprint": base_fingerprint}
+              "padding_side": padding_side, "base_fingerprint": base_fingerprint,
+              "objective_settings": OmegaConf.to_container(cfg.objective, resolve=True, enum_to_str=True)}
     rows = [("regime", regime.name + (" (from random initialisation)" if cfg.model.random_init else "")),
             ("peak memory (added)", f"{memory.added / 2**20:,.0f} MiB")]
     if test_result:

@@ -140,6 +140,23 @@ def _not_a_model(tmp: Path, w: World) -> None:
     (tmp / "not-a-model").mkdir()
 
 
+def _pairs(records):
+    def write(tmp: Path, w: World) -> None:
+        (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return write
+
+
+def _tiny_bert(tmp: Path, w: World) -> None:
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    BertForMaskedLM(config).save_pretrained(tmp / "bert")
+
+
+PREF = ("objective=dpo", "regime=lora", "model.name_or_path={model}", "data.path={tmp}/pairs.jsonl", *TINY_FT)
+HH_APART = [{"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "something else entirely"}] * 3
+
 PRETRAINED = ("model=pretrained", "model.name_or_path={model}", "data.path={corpus}", "hardware=cpu",
               "train.max_steps=2", "train.seq_len=64")
 EVAL = ("model.name_or_path={model}", "data.path={corpus}", "hardware=cpu")
@@ -278,6 +295,23 @@ CASES: List[Case] = [
          "cannot parse the value of data.path: quote it", _accented_corpus),
     Case("brackets in an unquoted path", "pretrain", (*TINY, "data.path={tmp}/x[1].txt"),
          "cannot parse the value of data.path: quote it"),
+    # --- issue 18 item 9: preference pairs ------------------------------------------------------------------
+    Case("preference file without chosen/rejected", "finetune",
+         ("objective=dpo", "regime=lora", "model.name_or_path={model}", "data.path={labelled}", *TINY_FT),
+         "has no 'chosen' column, so it holds no preference pairs"),
+    Case("chosen identical to rejected in every pair", "finetune", PREF, "identical chosen and rejected",
+         _pairs([{"prompt": "p", "chosen": " same", "rejected": " same"}] * 3)),
+    Case("HH dialogues sharing no prompt", "finetune", PREF, "share a prompt", _pairs(HH_APART)),
+    Case("prompt longer than the sequence", "finetune", PREF, "longer than train.seq_len=32",
+         _pairs([{"prompt": "the " * 60, "chosen": " a", "rejected": " b"}] * 3)),
+    Case("empty response", "finetune", PREF, "has an empty response",
+         _pairs([{"prompt": "p", "chosen": "", "rejected": " b"}] * 3)),
+    Case("reward model on data without pairs", "finetune",
+         ("objective=reward", "regime=lora", "model.name_or_path={model}", "data.path={corpus}", *TINY_FT),
+         "objective=reward needs them"),
+    Case("dpo on an encoder-only model", "finetune",
+         ("objective=dpo", "regime=lora", "model.name_or_path={tmp}/bert", "data.path={labelled}", *TINY_FT),
+         "is an encoder (bert) and cannot be trained with objective=dpo", _tiny_bert),
     Case("sweep value with ../ (job folder stays inside)", "pretrain",
          ("-m", *TINY, "data.text_column=../../../../escaped", "train.seed=-1", "hydra.sweep.dir={tmp}/run/sweep"),
          "train.seed=-1 is out of range", run_dir=False),

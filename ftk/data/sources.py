@@ -7,6 +7,7 @@ column, no text at all) becomes a UsageError naming the file, line or column and
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 from pathlib import Path
@@ -25,12 +26,22 @@ FORMATS: Dict[str, tuple] = {
     ".tsv": ("csv", {"sep": "\t", "encoding_errors": "replace"}),
     ".parquet": ("parquet", {}),
 }
+COMPRESSED = (".gz",)  # read through by datasets (fsspec infers the compression from the name)
+
+
+def data_suffix(path: Any) -> str:
+    """The format suffix of a data file: that of the name under a compression suffix (a.jsonl.gz: .jsonl), since
+    `datasets` reads gzip-compressed files as they are."""
+    p = Path(path)
+    if p.suffix.lower() in COMPRESSED:
+        p = Path(p.stem)
+    return p.suffix.lower()
 
 
 def is_local(path: str) -> bool:
     """A path that exists, or is written like one, is local; anything else is a hub dataset name."""
     return (Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.endswith("/")
-            or Path(path).suffix.lower() in FORMATS)
+            or data_suffix(path) in FORMATS)
 
 
 def list_files(path: str, exclude: Sequence[Path] = ()) -> List[Path]:
@@ -43,7 +54,7 @@ def list_files(path: str, exclude: Sequence[Path] = ()) -> List[Path]:
     else:
         # A folder's README.md / SOURCE.md describe the data; they are not part of it.
         files = sorted(p for p in root.rglob("*")
-                       if p.is_file() and p.suffix.lower() in FORMATS and p.suffix.lower() != ".md"
+                       if p.is_file() and data_suffix(p) in FORMATS and data_suffix(p) != ".md"
                        and not any(part.startswith(".") for part in p.relative_to(root).parts))
     excluded = {p.resolve() for p in exclude}
     files = [f for f in files if f.resolve() not in excluded]
@@ -51,10 +62,10 @@ def list_files(path: str, exclude: Sequence[Path] = ()) -> List[Path]:
         skipped = " (a folder's .md files describe the data and are skipped: pass a .md file itself)" if (
             root.is_dir() and any(root.rglob("*.md"))) else ""
         raise UsageError(f"no data files in {path}: expected {', '.join(FORMATS)} files{skipped}")
-    unknown = [f for f in files if f.suffix.lower() not in FORMATS]
+    unknown = [f for f in files if data_suffix(f) not in FORMATS]
     if unknown:
         raise UsageError(f"unsupported data file {unknown[0]}: expected one of {', '.join(FORMATS)}")
-    builders = {FORMATS[f.suffix.lower()][0] for f in files}
+    builders = {FORMATS[data_suffix(f)][0] for f in files}
     if len(builders) > 1:
         raise UsageError(f"{path} mixes data formats ({', '.join(sorted(builders))}); put one format per folder")
     return files
@@ -83,7 +94,7 @@ def load_records(path: str, *, hub_config: Optional[str] = None, split: str = "t
             raise UsageError(f"cannot load hub dataset '{path}' (split {split}): {first}; "
                              "check the name and network, or pass a local file or folder") from None
     files = list_files(path, exclude)
-    builder, kwargs = FORMATS[files[0].suffix.lower()]
+    builder, kwargs = FORMATS[data_suffix(files[0])]
     try:
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as exc:
@@ -93,8 +104,9 @@ def load_records(path: str, *, hub_config: Optional[str] = None, split: str = "t
 def locate_bad_row(files: Sequence[Path], builder: str) -> Optional[str]:
     """After datasets failed to parse: find the first malformed row to name its file and line."""
     for f in files:
-        with open(f, encoding="utf-8", errors="replace", newline="") as handle:
-            if builder == "json" and f.suffix.lower() == ".jsonl":
+        opener = gzip.open if f.suffix.lower() == ".gz" else open
+        with opener(f, "rt", encoding="utf-8", errors="replace", newline="") as handle:
+            if builder == "json" and data_suffix(f) == ".jsonl":
                 for number, line in enumerate(handle, 1):
                     if not line.strip():
                         continue
@@ -104,7 +116,7 @@ def locate_bad_row(files: Sequence[Path], builder: str) -> Optional[str]:
                     except json.JSONDecodeError as exc:
                         return f"{f}:{number}: malformed JSON ({exc.msg}); fix or remove that line"
             elif builder == "csv":
-                reader = csv.reader(handle, delimiter="\t" if f.suffix.lower() == ".tsv" else ",")
+                reader = csv.reader(handle, delimiter="\t" if data_suffix(f) == ".tsv" else ",")
                 width = None
                 for row in reader:
                     width = len(row) if width is None else width

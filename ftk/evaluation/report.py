@@ -35,6 +35,15 @@ def _rows(results: Dict[str, Any]) -> List[Tuple[str, str]]:
                  ("examples", f"{c['examples']:,}")]
         rows += [(f"  {name}: precision / recall", f"{v['precision']:.3f} / {v['recall']:.3f} (n={v['support']})")
                  for name, v in c["per_class"].items()]
+    if "preference" in results:
+        p = results["preference"]
+        rows += [("data", f"{p['data']} ({p['pairs']:,} pairs)"), ("scored as", p["kind"]),
+                 ("pair accuracy", f"{p['accuracy']:.2%}"), ("mean margin", f"{p['margin']:.4f}"),
+                 ("baseline: longer response wins", f"{p['longer_wins']:.2%}")]
+        if "reference_likelihood_wins" in p:
+            rows.append(("baseline: reference log-likelihood", f"{p['reference_likelihood_wins']:.2%}"))
+        if p.get("reference"):
+            rows.append(("reference", p["reference"]))
     if "icl" in results:
         i = results["icl"]
         rows += [("data", i["data"]), ("chance / majority", f"{i['chance']:.2%} / {i['majority']:.2%}")]

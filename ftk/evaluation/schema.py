@@ -15,6 +15,7 @@ class EvalKind(str, Enum):
     perplexity = "perplexity"      # causal LM: sliding-window perplexity; masked LM: masked-token loss/accuracy
     classification = "classification"
     icl = "icl"                    # in-context learning: k-shot prompts, answer by verbalizer log-likelihood
+    preference = "preference"      # held-out preference pairs: pair accuracy and margin of a policy or reward model
 
 
 @dataclass
@@ -31,7 +32,11 @@ class EvalConfig:
     num_test: int = ranged(200, ge=1)  # icl: test examples (the same for every k)
     template: str = "{text}\nAnswer: {label}"  # icl: one example; shots are joined by a blank line
     verbalizers: Optional[List[str]] = None    # icl: the word for each label (sorted label order); null = names
-    max_examples: Optional[int] = ranged(None, ge=1)  # classification: evaluate only the first N examples
+    max_examples: Optional[int] = ranged(None, ge=1)  # classification, preference: only the first N examples/pairs
+    # preference: the reference policy of a DPO-family model (null: its adapter switched off, or the base it was
+    # tuned from); for a reward model, the causal LM whose log-likelihood preference is the baseline
+    reference: Optional[str] = None
+    beta: Optional[float] = ranged(None, gt=0)  # preference: scale of implicit rewards; null = the run's objective.beta
 
 
 @dataclass

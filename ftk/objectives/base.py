@@ -5,6 +5,12 @@ masking, from the generator the loop seeds per step, micro-batch and rank, so a 
 same), says how many targets a batch carries before the forward pass (to weight micro-batches and
 ranks exactly), and returns its loss as (sum, count). Validation accumulates `eval_sums`. Whether
 validation reports perplexity comes from the objective's row (ftk/objectives/table.py).
+
+An objective may also report figures of its own (preference objectives: rewards, accuracy, margin): it names
+them in `metric_names` and returns their sums over the batch's targets from `loss_with_metrics`; the loop
+divides each by the global target count, as it does the loss, so they are exact means over micro-batches and
+ranks, logged beside the loss at every logging step and as `eval_<name>` after validation. By default there
+are none.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import torch
 
 class Objective:
     name: str = ""  # its row in ftk/objectives/table.py
+    # Figures logged beside the loss (sums over targets from loss_with_metrics), known before any batch so every
+    # rank reduces the same ones in the same order.
+    metric_names: Tuple[str, ...] = ()
 
     def __init__(self, settings: Any = None, tokenizer: Any = None):
         self.settings = settings
@@ -38,9 +47,15 @@ class Objective:
         """(summed loss, number of targets), so the loop weights every target equally."""
         raise NotImplementedError
 
+    def loss_with_metrics(self, model: Any, inputs: Dict[str, torch.Tensor]
+                          ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """(summed loss, number of targets, {name: sum over targets} for each of `metric_names`, detached)."""
+        loss_sum, count = self.loss(model, inputs)
+        return loss_sum, count, {}
+
     def eval_sums(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """What validation sums over batches and ranks: loss_sum, count and correct (0 without a task
-        head), all on the device of the loss."""
-        loss_sum, count = self.loss(model, inputs)
+        head), and the sums of `metric_names`, all on the device of the loss."""
+        loss_sum, count, metrics = self.loss_with_metrics(model, inputs)
         return {"loss_sum": loss_sum, "count": count.to(loss_sum.device, torch.float64),
-                "correct": torch.zeros((), dtype=torch.float64, device=loss_sum.device)}
+                "correct": torch.zeros((), dtype=torch.float64, device=loss_sum.device), **metrics}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Optional, Tuple
 
 from ftk.ranges import ranged
@@ -47,6 +48,44 @@ class SftSettings(ObjectiveSettings):
     name: str = "sft"
 
 
+class PreferenceLoss(str, Enum):
+    sigmoid = "sigmoid"  # DPO (Rafailov et al. 2023); with label_smoothing > 0, conservative DPO
+    ipo = "ipo"          # IPO (Azar et al. 2023): squared loss, per-token log-ratios
+
+
+class ReferenceKind(str, Enum):
+    auto = "auto"                # adapters: the policy with its adapter off; otherwise a frozen 16-bit copy
+    precomputed = "precomputed"  # log-probabilities computed once before training, cached beside the data
+
+
+@dataclass
+class DpoSettings(ObjectiveSettings):
+    name: str = "dpo"
+    loss: PreferenceLoss = PreferenceLoss.sigmoid
+    beta: float = ranged(0.1, gt=0)  # strength of the pull to the reference (the KL penalty's inverse temperature)
+    label_smoothing: float = ranged(0.0, ge=0, lt=0.5)  # loss=sigmoid: assumed share of flipped labels (cDPO)
+    reference: ReferenceKind = ReferenceKind.auto
+
+
+@dataclass
+class SimpoSettings(ObjectiveSettings):
+    name: str = "simpo"
+    beta: float = ranged(2.0, gt=0)  # scale of the length-normalised reward (SimPO's default 2.0)
+    gamma: float = ranged(0.5, ge=0)  # target reward margin between chosen and rejected
+    label_smoothing: float = ranged(0.0, ge=0, lt=0.5)
+
+
+@dataclass
+class OrpoSettings(ObjectiveSettings):
+    name: str = "orpo"
+    beta: float = ranged(0.1, gt=0)  # weight of the odds-ratio term against the SFT loss (the paper's lambda)
+
+
+@dataclass
+class RewardSettings(ObjectiveSettings):
+    name: str = "reward"
+
+
 @dataclass(frozen=True)
 class ObjectiveFacts:
     name: str
@@ -55,11 +94,13 @@ class ObjectiveFacts:
                               # tokenizer)
     title: str
     data: str                 # what it reads: "text" (packed blocks) | "labelled" (text + label) | "instructions"
+                              # | "preferences" (prompt, chosen, rejected)
     head: str                 # the transformers head: "causal_lm" | "masked_lm" | "sequence_classification"
     models: str               # which models it fits: "decoder" | "encoder" | "any"
     language_model: bool      # validation reports loss per token and perplexity (else loss and accuracy)
     pretraining: bool         # `ftk pretrain` accepts it (else it is a fine-tuning objective)
     peft_task_type: Optional[str] = None  # peft's task_type for adapters trained with it
+    reference: bool = False   # needs a reference policy (the model before training) beside the one that trains
 
 
 ROWS: Tuple[ObjectiveFacts, ...] = (
@@ -74,6 +115,21 @@ ROWS: Tuple[ObjectiveFacts, ...] = (
     ObjectiveFacts("sft", SftSettings, "ftk.objectives.sft:SupervisedFineTuning",
                    "instruction tuning, loss on response tokens only", data="instructions", head="causal_lm",
                    models="decoder", language_model=True, pretraining=False, peft_task_type="CAUSAL_LM"),
+    ObjectiveFacts("dpo", DpoSettings, "ftk.objectives.preference:DirectPreference",
+                   "preference tuning against a reference (DPO, IPO, cDPO)", data="preferences", head="causal_lm",
+                   models="decoder", language_model=False, pretraining=False, peft_task_type="CAUSAL_LM",
+                   reference=True),
+    ObjectiveFacts("simpo", SimpoSettings, "ftk.objectives.preference:SimplePreference",
+                   "reference-free, length-normalised preference tuning", data="preferences", head="causal_lm",
+                   models="decoder", language_model=False, pretraining=False, peft_task_type="CAUSAL_LM"),
+    ObjectiveFacts("orpo", OrpoSettings, "ftk.objectives.preference:OddsRatioPreference",
+                   "SFT on the chosen response plus an odds-ratio preference term", data="preferences",
+                   head="causal_lm", models="decoder", language_model=False, pretraining=False,
+                   peft_task_type="CAUSAL_LM"),
+    ObjectiveFacts("reward", RewardSettings, "ftk.objectives.preference:RewardModel",
+                   "a reward model: one score per sequence, Bradley-Terry loss on pairs", data="preferences",
+                   head="sequence_classification", models="any", language_model=False, pretraining=False,
+                   peft_task_type="SEQ_CLS"),
 )
 
 _TABLE = Table("objective", ROWS)

@@ -251,7 +251,8 @@ def _components(s: Shape, u: Setup) -> Estimate:
 
     # -- activations, per device: micro-batch x sequence tokens
     seq = u.seq_len + virtual
-    n = u.micro_batch_size * seq
+    # preference objectives: each pair is two sequences in one forward (chosen, rejected)
+    n = u.micro_batch_size * seq * (2 if u.pairs else 1)
     c = SAVED.get(s.family, SAVED["generic"])
     # the residual stream's dtype: the embeddings' (QLoRA: upcast to float32 by prepare_model_for_kbit_training)
     resid = 2 if textbook or (loaded == 2 and not quantized) else 4
@@ -352,6 +353,21 @@ def _components(s: Shape, u: Setup) -> Estimate:
     else:
         logits = 0
         details["logits"] = "one prediction per sequence: negligible"
+
+    # -- the reference policy (objective=dpo): a frozen 16-bit copy of the weights, and its logits (no gradient)
+    # alive beside the policy's while the loss is computed; with the adapter off or precomputed, no copy
+    if u.reference == "frozen_copy":
+        weights += total_params * 2
+        details["weights"] += f" + reference: a frozen 16-bit copy ({count(total_params)} x 2 B)"
+    if u.reference in ("frozen_copy", "adapter_off") and head.logits:
+        ref_b = 2 if u.reference == "frozen_copy" else (low if mixed else 4)
+        logits += n * head.logits * ref_b
+        details["logits"] += f" + the reference's logits ({ref_b} B each)"
+    if u.reference != "none":
+        notes.append({"frozen_copy": "reference: a frozen 16-bit copy of the base",
+                      "adapter_off": "reference: the policy with its adapter off (no copy)",
+                      "precomputed": "reference: log-probabilities precomputed before training (no copy)"}
+                     [u.reference])
 
     # -- devices
     world = max(1, u.devices)

@@ -33,6 +33,9 @@ class Setup:
     finetuning: bool = True          # False for `ftk pretrain`: no regime changes are suggested
     matmul_attention: bool = False   # ftk.cpu_attention (CPU bf16): keeps each layer's attention probabilities
     batch_size: Optional[int] = None  # global batch (sequences per optimizer step), for the accumulation shown
+    pairs: bool = False              # preference objectives: each example is two sequences (chosen, rejected)
+    reference: str = "none"          # the reference policy (ftk.preference_setup.reference_strategy): none |
+                                     # adapter_off | frozen_copy (16-bit) | precomputed
 
     @property
     def facts(self):
@@ -88,10 +91,22 @@ def setup_from_cfg(cfg: Any, *, devices: Optional[int] = None, plan: Any = None,
     objective = getattr(objective, "value", objective)
     from omegaconf import OmegaConf
 
+    from ftk.objectives.table import facts as objective_facts
+
+    pairs = objective_facts(objective).data == "preferences"
+    reference = "none"
+    if pairs and finetuning:
+        from ftk.preference_setup import reference_strategy
+        from ftk.regimes.table import facts as regime_facts
+
+        reference = reference_strategy(cfg.objective, regime_facts(r.name))
+    extra = {"num_labels": 1} if pairs and objective_facts(objective).head == "sequence_classification" else {}
+
     return Setup(
         regime=r.name if r is not None else "full", settings=OmegaConf.to_object(r) if r is not None else None,
         objective=objective, precision=plan.precision, weights=weights, optimizer=plan.optimizer,
         micro_batch_size=plan.micro_batch_size, seq_len=t.seq_len, gradient_checkpointing=bool(hw.gradient_checkpointing),
         devices=plan.world_size, strategy=plan.strategy, device=plan.device,
         mlm_probability=cfg.objective.get("mlm_probability", MlmSettings.mlm_probability), finetuning=finetuning,
-        batch_size=t.batch_size, matmul_attention=bool(plan.matmul_attention))
+        batch_size=t.batch_size, matmul_attention=bool(plan.matmul_attention), pairs=pairs, reference=reference,
+        **extra)
