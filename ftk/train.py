@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tupl
 import numpy as np
 import torch
 
-from ftk import checkpoint
+from ftk import checkpoint, trackers
 from ftk.checkpoint import TrainState
 from ftk.cpu_attention import use_matmul_attention
 from ftk.data.sampler import BlockStream
@@ -357,6 +357,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                                              f"{patience} evaluations; keeping step {state.extra['best_step']}")
                 if record:
                     log.write(record)
+                    trackers.log(accelerator, record)  # logger=...: the same line into each tracker (rank 0)
                     result.history.append(record)
                 if t.save_every and state.step % t.save_every == 0 and not at_end:
                     save()
