@@ -252,6 +252,13 @@ def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary:
         tokenizer.save_pretrained(tmp)
     for name, content in (extra_json or {}).items():
         runs.write_json(tmp / name, content)
+    from ftk import model_card
+
+    try:  # README.md: the Hugging Face model card (a failure to write it is reported, never loses the model)
+        model_card.for_run(tmp, run_dir, title, {**summary, "final_dir": str(final)},
+                           (extra_json or {}).get("ftk_finetune.json"))
+    except Exception as exc:  # noqa: BLE001
+        session.say(f"[yellow]final/README.md (model card) not written: {type(exc).__name__}: {exc}[/yellow]")
     if final.exists():  # a resumed run that finished again: replace the old final/ only now
         shutil.rmtree(final)
     tmp.replace(final)
