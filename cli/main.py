@@ -22,6 +22,7 @@ COMMANDS: Dict[str, Tuple[Optional[str], str]] = {
     "merge-adapter": ("ftk.recipes.merge_adapter", "merge a LoRA adapter into its base and write a standalone Hugging Face model"),
     "generate": ("ftk.recipes.generate", "text from a model or base + adapter: sampled or greedy, batched, optionally scored"),
     "estimate": ("ftk.recipes.estimate", "memory per device of a run (weights, gradients, optimizer, activations): fits or not, and what would"),
+    "plot": ("ftk.recipes.plot", "overlay the curves (loss, validation, lr, tokens/s) of runs or a sweep: ftk plot RUN [RUN ...]"),
 }
 
 EXAMPLES = """\
@@ -73,9 +74,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if module_name is None:
         return fail(f"'ftk {name}' is not built yet in this version; available: "
                     + ", ".join(n for n, (m, _) in COMMANDS.items() if m))
+    recipe = importlib.import_module(module_name)
+    if hasattr(recipe, "cli"):  # a plain command (ftk plot): its own arguments, no Hydra
+        return recipe.cli(rest)
     from ftk.cli.hydra_errors import run_recipe
 
-    recipe = importlib.import_module(module_name)
     return run_recipe(recipe, name, rest)
 
 

@@ -168,7 +168,7 @@ def refuse_output(out: Path, overwrite: bool, protected: List[Path]) -> None:
 WRITTEN_BY_MERGE = ("config.json", "generation_config.json", "merge.json", "ftk_finetune.json", "model.safetensors",
                     "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
-                    "chat_template.jinja", "tokenizer.model")
+                    "chat_template.jinja", "tokenizer.model", "README.md")
 
 
 def written_by_merge(out: Path) -> List[str]:

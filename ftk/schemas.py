@@ -196,6 +196,45 @@ class ForgettingConfig:
 
 
 @dataclass
+class TensorBoardLogger:
+    enabled: bool = False     # event files in <run>/tensorboard: `tensorboard --logdir runs/`
+
+
+@dataclass
+class WandbLogger:
+    enabled: bool = False
+    project: str = "ftk"
+    mode: str = "offline"     # offline (files in <run>/wandb; `wandb sync` uploads them) | online | disabled
+    entity: Optional[str] = None
+
+
+@dataclass
+class MlflowLogger:
+    enabled: bool = False
+    # null: $MLFLOW_TRACKING_URI if set, else a local store in the run, sqlite:///<run>/mlflow.db
+    # (`mlflow ui --backend-store-uri sqlite:///<run>/mlflow.db`); or a server, http://host:5000
+    tracking_uri: Optional[str] = None
+    experiment: str = "ftk"
+
+
+@dataclass
+class TrackioLogger:
+    enabled: bool = False     # trackio's local store (~/.cache/huggingface/trackio): `trackio show`
+    project: str = "ftk"
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment trackers, beside metrics.jsonl (always written). Each option of the `logger` group turns one on;
+    several at once: `logger=[tensorboard,mlflow]` (Hydra's list of group options)."""
+
+    tensorboard: TensorBoardLogger = field(default_factory=TensorBoardLogger)
+    wandb: WandbLogger = field(default_factory=WandbLogger)
+    mlflow: MlflowLogger = field(default_factory=MlflowLogger)
+    trackio: TrackioLogger = field(default_factory=TrackioLogger)
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # One schema per objective (ftk/objectives/table.py), chosen by the `objective` group.
@@ -203,6 +242,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 @dataclass
@@ -249,6 +289,10 @@ def validate(cfg: Any) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     _require(not missing, f"{missing[0] if missing else ''} is required: pass {missing[0] if missing else ''}=...")
     ranges.check(cfg)  # every numeric field against the range declared next to its default
+    if "logger" in cfg:
+        from ftk import trackers
+
+        trackers.require(cfg.logger)  # a chosen tracker that is not installed stops here, before any work
     t, m, o = cfg.train, cfg.model, cfg.objective
     _require(t.lr is not None or "regime" in cfg, "train.lr is required: pass train.lr=...")
     if m.name_or_path is None and "regime" not in cfg:  # built from scratch (finetune: null = newest run)

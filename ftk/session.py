@@ -47,9 +47,12 @@ def start(cfg: Any, run_dir: Path) -> Session:
     launched_env = os.environ.get("ACCELERATE_USE_FSDP")
     # torch.compile through accelerate: prepare() wraps the model; inductor caches compiled kernels on disk,
     # so a second run of the same shapes compiles much faster. The plan turns it on only where it pays off.
+    from ftk import trackers
+
     accelerator = Accelerator(cpu=plan.device == "cpu", mixed_precision=ACCELERATE_PRECISION[plan.precision],
                               dynamo_backend=cfg.hardware.compile_backend if plan.compile else "no", fsdp_plugin=fsdp_plugin,
-                              kwargs_handlers=[process_group_kwargs(cfg.hardware)])
+                              kwargs_handlers=[process_group_kwargs(cfg.hardware)],
+                              log_with=trackers.build(cfg.get("logger"), run_dir) or None)
     if launched_env is None:
         os.environ.pop("ACCELERATE_USE_FSDP", None)
     else:
@@ -77,6 +80,7 @@ def start(cfg: Any, run_dir: Path) -> Session:
         runs.write_json(run_dir / "environment.json", {**runs.environment(), "plan": plan.as_dict(),
                                                          "collective_timeout_s": _group_timeout_s(),
                                                          "device_mesh": _mesh(accelerator)})
+    trackers.start(accelerator, cfg)  # logger=...: the composed config as hyperparameters (main process only)
     return Session(plan, accelerator, say)
 
 
@@ -262,11 +266,21 @@ def finish(session: Session, run_dir: Path, model: Any, tokenizer: Any, summary:
         tokenizer.save_pretrained(tmp)
     for name, content in (extra_json or {}).items():
         runs.write_json(tmp / name, content)
+    from ftk import model_card
+
+    try:  # README.md: the Hugging Face model card (a failure to write it is reported, never loses the model)
+        model_card.for_run(tmp, run_dir, title, {**summary, "final_dir": str(final)},
+                           (extra_json or {}).get("ftk_finetune.json"))
+    except Exception as exc:  # noqa: BLE001
+        session.say(f"[yellow]final/README.md (model card) not written: {type(exc).__name__}: {exc}[/yellow]")
     if final.exists():  # a resumed run that finished again: replace the old final/ only now
         shutil.rmtree(final)
     tmp.replace(final)
     summary = {**summary, "final_dir": str(final)}
     runs.write_json(run_dir / "summary.json", summary)
+    from ftk import trackers
+
+    trackers.finish(accelerator, summary)
     rows = [
         ("parameters", f"{summary['parameters'] / 1e6:.2f}M" + (
             f" ({summary['trainable_parameters'] / max(1, summary['parameters']):.1%} trainable)"

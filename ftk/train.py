@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tupl
 import numpy as np
 import torch
 
-from ftk import checkpoint
+from ftk import checkpoint, curves, trackers
 from ftk.checkpoint import TrainState
 from ftk.cpu_attention import use_matmul_attention
 from ftk.data.sampler import BlockStream
@@ -267,6 +267,8 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
         if main:
             path = checkpoint.save(checkpoints_dir, state, unwrapped, tokenizer, optimizer, scheduler,
                                    accelerator.scaler, t.keep_last, gathered=gathered)
+            # curves.png so far: at each checkpoint, and at the end (the last save below); never fails the run
+            curves.write(run_dir, progress.message)
         accelerator.wait_for_everyone()
         # Other ranks name the newest folder without verifying it (hashing every file would stall them).
         return path or (checkpoint.step_dirs(checkpoints_dir) or [checkpoints_dir])[-1]
@@ -370,6 +372,7 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                                              f"{patience} evaluations; keeping step {state.extra['best_step']}")
                 if record:
                     log.write(record)
+                    trackers.log(accelerator, record)  # logger=...: the same line into each tracker (rank 0)
                     result.history.append(record)
                 if t.save_every and state.step % t.save_every == 0 and not at_end:
                     save()

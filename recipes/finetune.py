@@ -17,6 +17,7 @@ from ftk.errors import UsageError, first_line, reported
 
 SCHEMA = schemas.FinetuneConfig
 CLAIMS_RUN_DIR = True  # one run at a time per run dir; .hydra/ written only once checks pass
+LIST_KEYS = ("logger",)  # `logger=tensorboard,mlflow` means both trackers (a list of group options), not a sweep
 schemas.register()
 
 

@@ -170,6 +170,9 @@ def merge_adapter(cfg: DictConfig) -> Dict[str, Any]:
         as_trained(tokenizer, append_eos, padding_side).save_pretrained(tmp)
         removed.extend(lib.clean_config(tmp / "config.json"))
         runs.write_json(tmp / "ftk_finetune.json", record)
+        from ftk import model_card
+
+        model_card.for_merge(tmp, {**facts, "output_dir": str(out)}, adapter.path / "README.md")  # README.md
         files = sorted(p.name for p in tmp.iterdir()) + ["merge.json"]
         runs.write_json(tmp / "merge.json", {**facts, "config_keys_removed": removed, "files": files})
 

@@ -15,6 +15,7 @@ from ftk.errors import reported
 
 SCHEMA = schemas.PretrainConfig
 CLAIMS_RUN_DIR = True  # one run at a time per run dir; .hydra/ written only once checks pass
+LIST_KEYS = ("logger",)  # `logger=tensorboard,mlflow` means both trackers (a list of group options), not a sweep
 schemas.register()
 
 

@@ -189,6 +189,8 @@ CASES: List[Case] = [
     Case("value outside an enum", "pretrain", (*TINY, "train.schedule=sideways"), "expected one of [cosine, linear"),
     Case("unknown group option", "pretrain", ("model=gpt-tni",), "unknown option 'gpt-tni' for model; choose one of"),
     Case("unknown preset", "pretrain", ("+recipe=nope",), "unknown option 'nope' for recipe; choose one of"),
+    Case("tracker not installed", "pretrain", (*TINY, "logger=trackio"),
+         "logger=trackio needs the trackio package, which is not installed: pip install 'ftk[trackio]'"),
     Case("model=pretrained without a path", "pretrain", ("model=pretrained",), "model.name_or_path is required"),
     Case("data=text without a path", "pretrain", ("data=text",), "data.path is required"),
     Case("seq_len over max_position_embeddings", "pretrain", ("train.seq_len=4096",),

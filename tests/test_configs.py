@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from ftk import schemas
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ["model", "objective", "data", "train", "hardware"]
+GROUPS = ["model", "objective", "data", "train", "hardware", "logger"]
 
 
 def options(group: str):

@@ -89,7 +89,7 @@ def test_lora_classifier_merges_into_a_plain_model_that_loads_without_peft(adapt
     assert merge(f"adapter_path={final}", f"output_dir={out}") == 0
     captured = capsys.readouterr()
     assert "max |logit diff|" in captured.out and "tolerance 1e-04" in captured.out
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "ftk_finetune.json", "merge.json",
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "ftk_finetune.json", "merge.json",
                                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     nothing_left_beside(out)
     facts = json.loads((out / "merge.json").read_text())

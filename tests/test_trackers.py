@@ -1,0 +1,84 @@
+"""logger=tensorboard|mlflow|wandb|trackio: what a run writes is read back with each tool's own reader."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from tests.conftest import TINY_GPT, ftk
+
+RUN_ARGS = ("train.max_steps=10", "train.eval_every=5", "train.save_every=0", "data.max_documents=300")
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory, corpus_dir_module):
+    run = tmp_path_factory.mktemp("tracked") / "run"
+    # Commas mean a list for `logger` (not a sweep): both trackers at once.
+    assert ftk("pretrain", *TINY_GPT, f"data.path={corpus_dir_module}", *RUN_ARGS, "logger=tensorboard,mlflow",
+               f"hydra.run.dir={run}") == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return run, lines, json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def corpus_dir_module(tmp_path_factory):
+    from tests.conftest import make_corpus
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(make_corpus(60)):
+        (folder / f"doc{i:03d}.txt").write_text(doc + "\n")
+    return folder
+
+
+def test_tensorboard_event_files_hold_every_metric_the_config_and_the_summary(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, lines, summary = tracked_run
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    for key in ("loss", "lr", "tokens_per_s", "eval_loss", "eval_ppl", "grad_norm"):
+        written = [(r["step"], r[key]) for r in lines if key in r]
+        read = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in read] == [s for s, _ in written], key
+        assert [v for _, v in read] == pytest.approx([v for _, v in written], rel=1e-6), key
+    assert events.Scalars("summary/final_eval_loss")[0].value == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+    assert "summary" in "".join(events.Tags()["tensors"])  # the whole summary.json as text
+    # The composed config as hyperparameters (accelerate also keeps them as hparams.yml)
+    import yaml
+
+    (hparams,) = list((run / "tensorboard").glob("*/hparams.yml"))
+    config = yaml.safe_load(hparams.read_text())
+    assert config["train.max_steps"] == 10 and config["model.hidden_size"] == 64
+    assert config["logger.tensorboard.enabled"] is True
+
+
+def test_mlflow_local_store_holds_params_metric_histories_and_the_summary(tracked_run):
+    from mlflow import MlflowClient
+
+    run, lines, summary = tracked_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ftk")
+    (logged,) = client.search_runs([experiment.experiment_id])
+    assert logged.info.run_name == run.name and logged.info.status == "FINISHED"
+    assert logged.data.params["train.max_steps"] == "10" and logged.data.params["data.path"].endswith("corpus0")
+    for key in ("loss", "eval_loss", "lr"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(logged.info.run_id, key))
+        assert history == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in lines if key in r], key
+    assert logged.data.metrics["summary/tokens_seen"] == summary["tokens_seen"]
+    path = client.download_artifacts(logged.info.run_id, "summary.json", str(run / "download"))
+    assert json.loads(open(path).read())["steps"] == 10
+    assert json.loads((run / "trackers.json").read_text())["mlflow_run_id"] == logged.info.run_id
+    assert math.isfinite(logged.data.metrics["summary/final_eval_loss"])
+
+
+@pytest.mark.parametrize("name", ["wandb", "trackio"])
+def test_a_tracker_that_is_not_installed_stops_with_the_pip_command(name, corpus_dir, tmp_path, capsys):
+    if importlib.util.find_spec(name) is not None:
+        pytest.skip(f"{name} is installed here")
+    run = tmp_path / "run"
+    assert ftk("pretrain", *TINY_GPT, f"data.path={corpus_dir}", f"logger={name}", f"hydra.run.dir={run}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pip install 'ftk[{name}]'" in err[0], err
+    assert not (run / "metrics.jsonl").exists()
