@@ -20,6 +20,7 @@ COMMANDS: Dict[str, Tuple[Optional[str], str]] = {
     "finetune": ("ftk.recipes.finetune", "adapt a pretrained model to a task: full, feature extraction, LoRA, QLoRA, prompt tuning, ..."),
     "evaluate": ("ftk.recipes.evaluate", "perplexity, task accuracy, in-context learning and forgetting of a model or adapter"),
     "merge-adapter": ("ftk.recipes.merge_adapter", "merge a LoRA adapter into its base and write a standalone Hugging Face model"),
+    "prepare": ("ftk.recipes.prepare", "tokenize and pack a pretraining corpus into the cache once, for pretrain runs to start at once"),
     "estimate": ("ftk.recipes.estimate", "memory per device of a run (weights, gradients, optimizer, activations): fits or not, and what would"),
 }
 
