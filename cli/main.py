@@ -21,6 +21,7 @@ COMMANDS: Dict[str, Tuple[Optional[str], str]] = {
     "evaluate": ("ftk.recipes.evaluate", "perplexity, task accuracy, in-context learning and forgetting of a model or adapter"),
     "merge-adapter": ("ftk.recipes.merge_adapter", "merge a LoRA adapter into its base and write a standalone Hugging Face model"),
     "generate": ("ftk.recipes.generate", "text from a model or base + adapter: sampled or greedy, batched, optionally scored"),
+    "prepare": ("ftk.recipes.prepare", "tokenize and pack a pretraining corpus into the cache once, for pretrain runs to start at once"),
     "estimate": ("ftk.recipes.estimate", "memory per device of a run (weights, gradients, optimizer, activations): fits or not, and what would"),
     "plot": ("ftk.recipes.plot", "overlay the curves (loss, validation, lr, tokens/s) of runs or a sweep: ftk plot RUN [RUN ...]"),
 }

@@ -124,9 +124,9 @@ def _text_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
     from ftk.data.tokenizer import tokenizer_fingerprint
     from ftk.train import BlockSource
 
-    splits = lm_setup.load_text(cfg, say)
-    packed = lm_setup.pack(cfg, splits, tokenizer, tokenizer_fingerprint(tokenizer), say)
-    return TaskData(BlockSource(packed.train, packed.validation), splits.description,
+    corpus = lm_setup.load_text(cfg, say)
+    packed = lm_setup.pack(cfg, corpus, tokenizer, tokenizer_fingerprint(tokenizer), say).packed
+    return TaskData(BlockSource(packed.train, packed.validation), corpus.description,
                     n_train=len(packed.train), n_validation=len(packed.validation))
 
 

@@ -99,7 +99,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # A file (.txt .jsonl .json .csv .tsv .parquet), a folder of them, or a hub dataset name.
+    # A file (.txt .jsonl .json .csv .tsv .parquet, plain or .gz/.zst), a folder of them, a glob, or a hub dataset.
     # null: the embedded default corpus (docstrings of this Python's standard library; no download).
     # Every data option sets it (data=default to null); a missing one stops the run with a clear error.
     path: Optional[str] = MISSING
@@ -127,6 +127,9 @@ class DataConfig:
     test_path: Optional[str] = None        # finetune classification: a test file scored once, with the final
                                            # (or best) model, after training: test_accuracy in summary.json
     cache_dir: Optional[str] = None        # tokenized-data cache; unset = $FTK_CACHE or ~/.cache/ftk
+    # processes tokenizing a pretraining corpus (same tokens whatever the number); unset = the machine's cores
+    num_proc: Optional[int] = ranged(None, ge=1)
+    streaming: bool = False                # hub datasets: stream the split instead of downloading it whole
 
 
 @dataclass

@@ -44,6 +44,12 @@ def pretrain(cfg: DictConfig) -> dict:
     settings = resume_check.settings(cfg)
     changed = resume_check.check(resume_from, settings, cfg.train.accept_changes, run_dir) if resume_from else {}
     run_claim.adopt_config(run_dir)  # every check passed: this config is now the run's
+    # The data is prepared before the process group exists: one process per cache location tokenizes while the
+    # others poll its lock file, so no collective (and no NCCL timeout) waits on a long preparation.
+    early_say = lm_setup.first_rank_say()
+    corpus = lm_setup.load_text(cfg, early_say)
+    tokenizer, tokenizer_fp = lm_setup.tokenizer_for(cfg, corpus, resume_from, early_say)
+    packed = lm_setup.pack(cfg, corpus, tokenizer, tokenizer_fp, early_say).packed
     session = sessions.start(cfg, run_dir)
     say = session.say
     from ftk import planner
@@ -54,10 +60,6 @@ def pretrain(cfg: DictConfig) -> dict:
         cpu_heap.set_cpu_allocator(planned, say)  # keep freed tensors for reuse unless memory is tight
     objective_name = cfg.objective.name
 
-    with session.accelerator.main_process_first():  # rank 0 fills the caches, the others then read them
-        splits = lm_setup.load_text(cfg, say)
-        tokenizer, tokenizer_fp = lm_setup.tokenizer_for(cfg, splits, resume_from, say)
-        packed = lm_setup.pack(cfg, splits, tokenizer, tokenizer_fp, say)
     model = lm_setup.model_for(cfg, tokenizer, resume_from, say)
     trainable, total = count_parameters(model)
     say(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters; objective {objective_name}; "
@@ -81,7 +83,7 @@ def pretrain(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.time() - started, 2), "train_time_s": round(result.state.elapsed, 2),
         "tokens_per_s": round(result.tokens_per_s, 1), "first_step_s": result.first_step_s,
         "train_blocks": len(packed.train), "validation_blocks": len(packed.validation),
-        "data": splits.description, **{f"final_{k}": v for k, v in result.final_eval.items()},
+        "data": corpus.description, **{f"final_{k}": v for k, v in result.final_eval.items()},
         "peak_memory_bytes": peak.peak, "peak_memory_reserved_bytes": peak.reserved,
         "planned_memory_bytes": planned.total if planned is not None else None,
         "plan": session.plan.as_dict(),

@@ -1,80 +1,20 @@
-"""Language-model data: documents -> tokens joined by a separator -> fixed-length blocks, cached.
+"""Language-model data: documents -> tokens joined by a separator -> fixed-length blocks.
 
-The packed blocks of a (source, tokenizer, seq_len, layout, split) are stored once as a .npy file
-under the cache directory and memory-mapped on later runs, so a second run starts training without
-re-reading or re-tokenizing anything. The key includes the tokenizer's fingerprint: a different
-tokenizer never reuses another's tokens.
+`pack` does it in memory for small text (evaluation, forgetting probes); pretraining corpora go through
+`ftk.data.prepare`, which cuts blocks the same way while streaming, and caches them as memory-mapped .npy files.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
 import numpy as np
 
-from ftk.data import sources
 from ftk.errors import UsageError, first_line
 from ftk.paths import cache_root  # noqa: F401  (callers use lm.cache_root)
-
-CACHE_VERSION = 1
-MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 20
-
-
-
-
-@dataclass
-class TextSplits:
-    """Training and validation documents, and a fingerprint of where they came from."""
-
-    train: List[str]
-    validation: Optional[List[str]]  # None: hold out the tail of the training token stream
-    fingerprint: str
-    description: str
-
-
-def load_splits(data: Any, seed: int) -> TextSplits:
-    """Read the configured corpus; hold out validation documents unless a validation set is given."""
-    from ftk.data.corpus import embedded_corpus_path
-
-    path = data.path
-    description = path
-    if path is None:
-        path = str(embedded_corpus_path(cache_root(data.cache_dir)))
-        description = "embedded corpus (Python standard-library docstrings)"
-    validation_files = sources.list_files(data.validation_path) if data.validation_path and sources.is_local(
-        data.validation_path) else []
-    train = _texts(data, path, data.split, exclude=validation_files)
-    if data.max_documents:
-        train = train[: data.max_documents]
-    validation: Optional[List[str]] = None
-    if data.validation_path:
-        validation = _texts(data, data.validation_path, data.validation_split or data.split)
-    elif data.validation_split and not sources.is_local(path):
-        validation = _texts(data, path, data.validation_split)
-    elif len(train) >= MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT:
-        order = np.random.default_rng(seed).permutation(len(train))
-        n_valid = max(1, int(round(len(train) * data.validation_fraction)))
-        held = set(order[:n_valid].tolist())
-        validation = [t for i, t in enumerate(train) if i in held]
-        train = [t for i, t in enumerate(train) if i not in held]
-    h = hashlib.sha256()
-    for text in (train, validation or []):
-        for doc in text:
-            h.update(hashlib.sha256(doc.encode("utf-8", "replace")).digest())
-        h.update(b"|split|")
-    return TextSplits(train, validation, h.hexdigest(), description)
-
-
-def _texts(data: Any, path: str, split: str, exclude=()) -> List[str]:
-    ds = sources.load_records(path, hub_config=data.hub_config, split=split, exclude=exclude)
-    return sources.text_column(ds, data.text_column, path)
 
 
 @dataclass
@@ -154,49 +94,3 @@ def _cached_blocks(path: Path, seq_len: int) -> np.ndarray:
     if path.stat().st_size != expected:
         raise ValueError(f"{path.stat().st_size:,} bytes where its header promises {expected:,}")
     return blocks
-
-
-def packed_blocks(splits: TextSplits, tokenizer: Any, seq_len: int, objective: str, cache_dir: Optional[str],
-                  tokenizer_fingerprint: str, say: Any = None) -> PackedData:
-    """Blocks for training and validation, from the cache when this exact data was packed before.
-    A damaged cache entry (truncated, or not this shape) is said and rebuilt."""
-    layout = Layout.for_objective(objective, tokenizer)
-    key = hashlib.sha256(json.dumps({
-        "v": CACHE_VERSION, "data": splits.fingerprint, "tokenizer": tokenizer_fingerprint,
-        "seq_len": seq_len, "layout": layout.key(),
-    }, sort_keys=True).encode()).hexdigest()[:32]
-    folder = cache_root(cache_dir) / "tokens" / key
-    train_file, valid_file = folder / "train.npy", folder / "validation.npy"
-    if train_file.exists() and valid_file.exists():
-        try:
-            return PackedData(_cached_blocks(train_file, seq_len), _cached_blocks(valid_file, seq_len), True)
-        except ValueError as exc:
-            if say is not None:
-                say(f"token cache: {folder} is damaged ({exc}); rebuilding it")
-    train = pack(splits.train, tokenizer, seq_len, layout)
-    if splits.validation is not None:
-        validation = pack(splits.validation, tokenizer, seq_len, layout)
-    else:  # too few documents to hold some out: hold out the tail of the token stream instead
-        n_valid = max(1, len(train) // 20)
-        if len(train) < 2:
-            validation = train[:0]
-        else:
-            train, validation = train[:-n_valid], train[-n_valid:]
-    if len(train) == 0:
-        raise UsageError(f"the training data holds fewer than {seq_len} tokens, too few for one block of "
-                         f"train.seq_len={seq_len}; add text or lower train.seq_len")
-    if len(validation) == 0:
-        raise UsageError(f"the validation data holds fewer than {seq_len} tokens; give a larger "
-                         "data.validation_path or lower train.seq_len")
-    folder.mkdir(parents=True, exist_ok=True)
-    for array, target in ((train, train_file), (validation, valid_file)):
-        _save_atomic(array, target)
-    return PackedData(np.load(train_file, mmap_mode="r"), np.load(valid_file, mmap_mode="r"), False)
-
-
-def _save_atomic(array: np.ndarray, target: Path) -> None:
-    """Write then rename, so a killed run never leaves a truncated cache entry behind."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp.npy")
-    with os.fdopen(fd, "wb") as handle:
-        np.save(handle, np.ascontiguousarray(array))
-    os.replace(tmp, target)

@@ -180,16 +180,17 @@ def _run_config(target: Target) -> Optional[Any]:
 
 def general_text(cfg: Any, target: Target) -> Tuple[List[str], str]:
     """Documents to measure: data.path, or the validation text of the run that made the model."""
-    from ftk.data import lm, sources
+    from ftk.data import sources, stream
 
     if cfg.data.path:
         return sources.text_column(sources.load_records(cfg.data.path), cfg.data.text_column, cfg.data.path), \
             cfg.data.path
     run = _run_config(target)
     if run is not None and run.get("objective", {}).get("name") in ("clm", "mlm"):
-        splits = lm.load_splits(run.data, run.train.seed)
-        if splits.validation:
-            return splits.validation, f"the validation text of {target.run_dir} ({splits.description})"
+        corpus = stream.resolve(run.data, run.train.seed)
+        validation = stream.validation_documents(corpus)
+        if validation:
+            return validation, f"the validation text of {target.run_dir} ({corpus.description})"
     raise UsageError("no text to measure: pass data.path=<text file, folder or hub dataset>")
 
 
