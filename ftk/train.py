@@ -11,7 +11,7 @@ accelerate owns devices, mixed precision and distribution (`Accelerator.prepare`
   the same, whatever the micro-batch split, the number of processes or the share of masked tokens.
 
 Its parts are named: `run` (the loop), `accumulate_gradients` (one step's forward and backward passes),
-`stop_vote` (every process stops at the same step), `evaluate` (validation) and `MetricsLog`. At about 460
+`evaluate` (validation) and `MetricsLog`. At about 460
 lines it is over the usual 400: they share the loop's state and its exactness rules, which are easier to
 check read together than across modules.
 """
@@ -290,8 +290,11 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                                                                    (m + 1) * plan.micro_batch_size]),
                             step_seed(t.seed, step, rank, stream=2 + m), accelerator.device)
                     for m in range(plan.grad_accum)]
-                loss_value, step_tokens_global, step_metrics = accumulate_gradients(
-                    model, unwrapped, objective, micro_inputs, accelerator, extra_loss, step)
+                # The stop flags are read after the backward passes and agreed in the step's one collective.
+                loss_value, step_tokens_global, step_metrics, (time_up, stop_now) = accumulate_gradients(
+                    model, unwrapped, objective, micro_inputs, accelerator, extra_loss, step,
+                    lambda: (t.max_minutes is not None and run_start_elapsed + time.perf_counter() - loop_start
+                             >= 60 * t.max_minutes, stop.requested))
                 late_grads()
                 grad_norm = None
                 if t.max_grad_norm > 0 and accelerator.sync_gradients:
@@ -351,8 +354,6 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                     progress.update(state.step, record["loss"], record["lr"], tps, eta)
                     window_start, window_tokens, window_loss, window_count = now, 0, 0.0, 0.0
                     window_metrics = {}
-                time_up, stop_now = stop_vote(accelerator, t.max_minutes is not None and
-                                              state.elapsed >= 60 * t.max_minutes, stop.requested)
                 at_end = state.step == t.max_steps or time_up
                 if (t.eval_every and state.step % t.eval_every == 0) or at_end:
                     metrics = evaluate(model, objective, source, plan.micro_batch_size, t.eval_batches, t.seed,
@@ -409,26 +410,32 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
 
 
 def accumulate_gradients(model: Any, unwrapped: Any, objective: Any, micro_inputs: List[Dict[str, torch.Tensor]],
-                         accelerator: Any, extra_loss: Optional[Callable[[Any, int], torch.Tensor]],
-                         step: int) -> Tuple[float, int, Dict[str, float]]:
+                         accelerator: Any, extra_loss: Optional[Callable[[Any, int], torch.Tensor]], step: int,
+                         stop_flags: Callable[[], Tuple[bool, bool]] = lambda: (False, False),
+                         ) -> Tuple[float, int, Dict[str, float], Tuple[bool, bool]]:
     """The gradients of one optimizer step, accumulated over this process's micro-batches; returns the step's
-    loss (mean over every target of the global batch), its real (unpadded) tokens over all processes, and the
-    objective's own figures (`metric_names`), each a mean over every target of the global batch."""
+    loss (mean over every target of the global batch), its real (unpadded) tokens over all processes, the
+    objective's own figures (`metric_names`, each a mean over every target of the global batch), and the stop
+    flags (time up, stop now) as every process agreed them.
+
+    Two collectives per step: the target count (needed before the backward passes) and, after them, one
+    vector of loss, tokens, the objective's figures and the stop flags; and one host sync (the loss a fault
+    check needs before the optimizer step). Token counts stay on the device until then."""
     world = accelerator.num_processes
+    device = accelerator.device
     # Every target token of the global batch weighs the same: divide by the global count.
     local_count = sum(objective.targets(inp) for inp in micro_inputs)
-    global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device),
+    global_count = accelerator.reduce(torch.tensor(float(local_count), device=device),
                                       reduction="sum").clamp(min=1.0)
-    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     names = _metric_names(objective)
-    step_metrics = torch.zeros(len(names), dtype=torch.float64, device=accelerator.device)
-    step_tokens = 0
+    # [loss, real tokens, time up, stop now, the objective's figures...], summed over processes at the end
+    totals = torch.zeros(4 + len(names), dtype=torch.float64, device=device)
     for m, inputs in enumerate(micro_inputs):
         last = m == len(micro_inputs) - 1
         with accelerator.no_sync(model) if not last else _null():
             if names:
                 loss_sum, _, sums = objective.loss_with_metrics(model, inputs)
-                step_metrics += torch.stack([torch.as_tensor(sums[k]).to(step_metrics) for k in names])
+                totals[4:] += torch.stack([torch.as_tensor(sums[k]).to(totals) for k in names])
             else:
                 loss_sum, _ = objective.loss(model, inputs)
             # DDP averages gradients over processes; scale by world so the result is the global mean.
@@ -436,27 +443,19 @@ def accumulate_gradients(model: Any, unwrapped: Any, objective: Any, micro_input
             if extra_loss is not None and m == 0:
                 loss = loss + extra_loss(unwrapped, step)
             accelerator.backward(loss)
-        step_loss += loss_sum.detach().double()
-        mask = inputs.get("attention_mask")  # padded examples: count real tokens only
-        step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-    # Loss and real (unpadded) tokens summed over processes in one collective: ranks hold different
-    # amounts of padding, so rank 0's count times the world size would be wrong for examples.
-    totals = accelerator.reduce(torch.cat([torch.stack([step_loss, torch.tensor(float(step_tokens), dtype=torch.float64,
-                                                                                 device=step_loss.device)]),
-                                           step_metrics]), reduction="sum")
-    means = (totals[2:] / global_count).tolist()
-    return (totals[0] / global_count).item(), int(totals[1].item()), dict(zip(names, means))
-
-
-def stop_vote(accelerator: Any, time_up: bool, stop_now: bool) -> Tuple[bool, bool]:
-    """(time up, stop now) agreed by every process: each has its own clock and may see a signal a step later than
-    another, yet all must stop (and save, a collective under FSDP and DDP) at the same step, or the next
-    collective hangs. One process decides alone."""
-    if accelerator.num_processes == 1:
-        return time_up, stop_now
-    flags = accelerator.reduce(torch.tensor([float(time_up), float(stop_now)], device=accelerator.device),
-                               reduction="sum")
-    return bool(flags[0] > 0), bool(flags[1] > 0)
+        totals[0] += loss_sum.detach().double()
+        mask = inputs.get("attention_mask")  # padded examples: count real tokens only (ranks differ in padding)
+        totals[1] += mask.sum() if mask is not None else inputs["input_ids"].numel()
+    # Each process has its own clock and may see a signal a step later than another, yet all must stop (and
+    # save, a collective under FSDP and DDP) at the same step, or the next collective hangs: the flags ride
+    # along, and any process's flag stops all.
+    time_up, stop_now = stop_flags()
+    totals[2], totals[3] = float(time_up), float(stop_now)
+    if world > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    *values, count = torch.cat([totals, global_count.double().view(1)]).tolist()  # the step's one host sync
+    return (values[0] / count, int(values[1]), {k: v / count for k, v in zip(names, values[4:])},
+            (values[2] > 0, values[3] > 0))
 
 
 def _apply_hyperparameters(optimizer: Any, scheduler: Any, groups: List[Dict[str, Any]],

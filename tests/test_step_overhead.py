@@ -66,3 +66,49 @@ def test_fused_gelu_is_the_same_function_and_gradient(tmp_path):
     again = GPT2LMHeadModel.from_pretrained(tmp_path)
     assert again.config.activation_function == "gelu_new"
     assert torch.allclose(CausalLM().loss(again, {"input_ids": ids})[0], a, rtol=1e-6)
+
+
+class TwoProcessAccelerator:
+    """What `accumulate_gradients` asks of accelerate, as rank 0 of two processes whose peer sent `peer` (the
+    same vector shape). Counts the collectives a step makes."""
+
+    device = torch.device("cpu")
+    num_processes = 2
+
+    def __init__(self, peer_stop: bool):
+        self.reduces = []
+        self.peer_stop = peer_stop
+
+    def reduce(self, tensor, reduction="sum"):
+        self.reduces.append(tensor.clone())
+        peer = tensor.clone()
+        if tensor.numel() > 1:
+            peer[3] = float(self.peer_stop)  # the other process saw SIGTERM this step
+        return tensor + peer
+
+    def no_sync(self, model):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def test_a_step_makes_two_collectives_and_agrees_on_stopping_in_the_second():
+    """Issue 16 finding 11: the count before the backward passes, then one vector (loss, tokens, stop flags);
+    no separate stop vote, and a peer's SIGTERM stops this process at the same step."""
+    from ftk.train import accumulate_gradients
+
+    model = tiny_gpt2()
+    objective = CausalLM()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    micro = [{"input_ids": ids[:1], "attention_mask": torch.ones_like(ids[:1])},
+             {"input_ids": ids[1:], "attention_mask": torch.ones_like(ids[1:])}]
+    for peer_stop in (False, True):
+        acc = TwoProcessAccelerator(peer_stop)
+        loss, tokens, _, (time_up, stop_now) = accumulate_gradients(model, model, objective, micro, acc, None, 0,
+                                                                    lambda: (False, False))
+        assert len(acc.reduces) == 2
+        assert tokens == 64 and stop_now is peer_stop and time_up is False  # both ranks' tokens; the peer's flag
+        assert loss > 0
