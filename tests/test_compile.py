@@ -87,3 +87,19 @@ def test_lora_early_stopping_keeps_the_best_adapter_when_compiled(pretrained, ta
     best = load_file(str(compiled / "best" / "adapter_model.safetensors"))
     final = load_file(str(compiled / "final" / "adapter_model.safetensors"))
     assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+
+
+def test_variable_lengths_compile_once_more_not_once_per_length(pretrained, task, tmp_path):
+    """Classification batches are padded to their longest example, so lengths vary step to step; the compiled
+    model is traced as dynamic after the first new length (issue 16 finding 11): a few graphs in all, not one
+    per length (which would also hit dynamo's cache limit and fall back to eager)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    run = tmp_path / "compiled"
+    assert ftk("finetune", f"model.name_or_path={pretrained['gpt']}", *FAST, *COMPILED, "regime=full",
+               "train.max_steps=8", "train.eval_every=0", *task, f"hydra.run.dir={run}") == 0
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 4, dict(counters["stats"])  # the first length, then dynamic (x2 with a graph break)
