@@ -186,6 +186,9 @@ def quote_texts(overrides: List[str], text_keys) -> List[str]:
 def run_recipe(recipe: ModuleType, name: str, overrides: List[str]) -> int:
     overrides = bracket_lists(overrides, getattr(recipe, "LIST_KEYS", ()))
     overrides = quote_texts(overrides, getattr(recipe, "TEXT_KEYS", ()))
+    from ftk.paths import register_resolvers
+
+    register_resolvers()  # every subcommand's run folder is named with ${ftk_now:...}
     if getattr(recipe, "CLAIMS_RUN_DIR", False) and not any(o.startswith("hydra.output_subdir=") for o in overrides):
         from ftk.run_claim import pending_name
 

@@ -382,4 +382,7 @@ def register_merge() -> None:
     """Put MergeConfig in Hydra's ConfigStore as `merge_schema` (named first in configs/merge-adapter.yaml)."""
     from hydra.core.config_store import ConfigStore
 
+    from ftk.paths import register_resolvers
+
+    register_resolvers()  # ${ftk_now:...} names its run folder
     ConfigStore.instance().store(name="merge_schema", node=MergeConfig)

@@ -68,7 +68,6 @@ def start(cfg: Any, run_dir: Path) -> Session:
         if accelerator.is_main_process:
             console.print(text)
 
-    say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
     if note:
         say(note)
     if Device(cfg.hardware.device) is Device.auto and plan.device == "cpu":

@@ -63,10 +63,14 @@ def finetune(cfg: DictConfig) -> dict:
     run_claim.adopt_config(run_dir)  # every check passed: this config is now the run's
     if cfg.train.lr is None:
         cfg.train.lr = cfg.regime.lr
-    session = sessions.start(cfg, run_dir)
-    say = session.say
-    say(f"base model: {base} ({chosen})" + ("; weights re-initialised (model.random_init=true)"
-                                              if cfg.model.random_init else ""))
+    # The data is read and tokenized before the process group exists (as `ftk pretrain` prepares its corpus):
+    # no collective waits on it, so NCCL's timeout cannot kill the other ranks of a job with a large dataset.
+    from ftk.lm_setup import first_rank_say
+
+    early_say = first_rank_say()
+    early_say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
+    early_say(f"base model: {base} ({chosen})" + ("; weights re-initialised (model.random_init=true)"
+                                                    if cfg.model.random_init else ""))
 
     from transformers import AutoConfig
 
@@ -75,16 +79,17 @@ def finetune(cfg: DictConfig) -> dict:
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read the config of model '{base}': {first_line(exc)}") from None
     setup.check_fits_model(base, objective, base_config)  # before the data is read: e.g. dpo on an encoder
+    tokenizer = setup.load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
+    padding_side = setup.padding_side(objective, regime.name, base_config)
+    data = setup.task_data(cfg, objective, tokenizer, base_config, early_say, padding_side)
+    session = sessions.start(cfg, run_dir)
+    say = session.say
     from ftk import planner
     from ftk import cpu_heap
 
     planned = planner.check_before_launch(cfg, base_config, say, plan=session.plan)  # exit 2 when it cannot fit
     if session.plan.device == "cpu":
         cpu_heap.set_cpu_allocator(planned, say)  # keep freed tensors for reuse unless memory is tight
-    tokenizer = setup.load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
-    padding_side = setup.padding_side(objective, regime.name, base_config)
-    with session.accelerator.main_process_first():
-        data = setup.task_data(cfg, objective, tokenizer, base_config, say, padding_side)
     model, new_head = setup.load_task_model(cfg, base, objective, regime.name, tokenizer, data.labels, base_config,
                                             session.plan.precision, session.plan.device)
     l2sp = forgetting.L2SP(model, cfg.forgetting.l2sp, new_head) if cfg.forgetting.l2sp else None

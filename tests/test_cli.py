@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import ftk, ftk_subprocess
 
@@ -44,3 +47,13 @@ def test_cfg_job_prints_the_composed_config(capsys):
     assert ftk("pretrain", "+recipe=bert-tiny", "--cfg", "job") == 0
     out = capsys.readouterr().out
     assert "family: bert" in out and "name: mlm" in out and "max_steps: 600" in out
+
+
+@pytest.mark.parametrize("command", [name for name, (module, _) in __import__("ftk.cli.main", fromlist=["COMMANDS"])
+                                     .COMMANDS.items() if module and name != "plot"])
+def test_every_subcommand_names_its_timestamped_run_folder(command, capsys):
+    """Each subcommand's run folder is `${ftk_now:...}`, registered however the subcommand is reached (a
+    subcommand that did not register it failed at once without hydra.run.dir)."""
+    assert ftk(command, "--cfg", "hydra", "--resolve") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"dir: runs/[\w-]+/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", out), out[-2000:]
