@@ -64,11 +64,25 @@ def generate(cfg: DictConfig) -> list:
     # 16-bit weights on a GPU (as trained); on a CPU float32, whose generation is exact and not slower here.
     dtype = hardware.torch_dtype(plan.precision) if plan.device == "cuda" else None
     model = model.to(plan.device, dtype=dtype).eval()
-    scorer = None
+    scorers = []
     if cfg.score_with:
         from ftk.generation import scoring
 
-        scorer = scoring.load(cfg.score_with, cfg.score_label, cfg, plan.device)
+        paths = [cfg.score_with] if isinstance(cfg.score_with, str) else list(cfg.score_with)
+        scorers = [(str(p), scoring.load(str(p), cfg.score_label, cfg, plan.device)) for p in paths]
+    reference = None
+    if cfg.kl_reference:
+        from ftk.generation.logprobs import exact_sampling
+
+        if not exact_sampling(cfg.sampling):
+            raise UsageError("kl_reference needs samples from the model's own distribution: sampling.do_sample=true, "
+                             "temperature=1, top_p=1, top_k=0, repetition_penalty=1 (else the estimate is biased)")
+        ref_target = loading.resolve_path(cfg.kl_reference)
+        if not loading.same_tokenizer(tokenizer, ref_target, cfg):
+            raise UsageError(f"kl_reference={cfg.kl_reference} reads text with another tokenizer than "
+                             f"{target.model_path}; a KL needs both models on the same tokens")
+        reference, _ = loading.language_model(ref_target, cfg)
+        reference = reference.to(plan.device, dtype=dtype).eval()
     instruction = _instruction_format(cfg, target, tokenizer)
     ids = [prompt_files.token_ids(p, tokenizer, instruction) for p in prompts]
     limit = loading.positions(model)
@@ -82,7 +96,7 @@ def generate(cfg: DictConfig) -> list:
         f"{'instruction' if instruction else 'raw'} prompts, "
         + ("greedy" if not cfg.sampling.do_sample or cfg.sampling.temperature == 0 else
            f"temperature {cfg.sampling.temperature}, top_p {cfg.sampling.top_p}, top_k {cfg.sampling.top_k or 'off'}")
-        + f", on {plan.device}" + (f"; scored by {cfg.score_with}" if scorer else ""))
+        + f", on {plan.device}" + (f"; scored by {', '.join(p for p, _ in scorers)}" if scorers else ""))
 
     from ftk.generation import sampling
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -99,13 +113,25 @@ def generate(cfg: DictConfig) -> list:
         records.append({"prompt_index": s.prompt_index, "sample_index": s.sample_index, "prompt": prompt.text,
                         **({"input": prompt.input} if prompt.input else {}), "completion": completion,
                         "new_tokens": len(s.completion_ids), "stopped": s.stopped, **prompt.record})
-    if scorer is not None:
+    if scorers:
         from ftk.generation.schema import ScoreText
 
         full = ScoreText(cfg.score_text) is ScoreText.full
         texts = [(r["prompt"] + r["completion"]) if full else r["completion"] for r in records]
-        for record, scored in zip(records, scorer.score(texts)):
-            record.update(scored)
+        for number, (_, scorer) in enumerate(scorers):
+            for record, scored in zip(records, scorer.score(texts)):
+                if number == 0:
+                    record.update(scored)
+                if len(scorers) > 1:
+                    record.setdefault("scores", []).append(scored["score"])
+    if reference is not None:
+        from ftk.generation.logprobs import completion_logprobs
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        own = completion_logprobs(model, samples, pad, tokenizer.eos_token_id, plan.device, cfg.batch_size)
+        ref = completion_logprobs(reference, samples, pad, tokenizer.eos_token_id, plan.device, cfg.batch_size)
+        for record, a, b in zip(records, own, ref):
+            record["logprob"], record["ref_logprob"] = a, b
 
     run_dir = runs.output_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -113,16 +139,22 @@ def generate(cfg: DictConfig) -> list:
                 "prompt_format": "instruction" if instruction else "raw",
                 "sampling": OmegaConf.to_container(cfg.sampling), "batch_size": cfg.batch_size,
                 "device": plan.device, "dtype": str(dtype or "float32").replace("torch.", ""),
-                "score_with": cfg.score_with, "score": scorer.describe() if scorer else None,
+                "score_with": [p for p, _ in scorers] or None,
+                "score": [sc.describe() for _, sc in scorers] or None, "kl_reference": cfg.kl_reference,
                 "samples": len(records), "new_tokens": sum(r["new_tokens"] for r in records),
                 "wall_time_s": round(time.time() - started, 2)}
-    if scorer is not None:
+    if scorers:
         settings["mean_score"] = sum(r["score"] for r in records) / len(records)
+        if len(scorers) > 1:
+            settings["mean_scores"] = [sum(r["scores"][i] for r in records) / len(records) for i in range(len(scorers))]
+    if reference is not None:
+        settings["kl_estimate"] = sum(r["logprob"] - r["ref_logprob"] for r in records) / len(records)
     runs.write_json(run_dir / "settings.json", settings)
     runs.write_jsonl(run_dir / "samples.jsonl", records)
-    _show(records, cfg.print_samples, scorer is not None)
+    _show(records, cfg.print_samples, bool(scorers))
     say(f"wrote {len(records)} sample(s), {settings['new_tokens']:,} new tokens in {settings['wall_time_s']} s "
-        f"to {run_dir / 'samples.jsonl'}" + (f"; mean score {settings['mean_score']:.4f}" if scorer else ""))
+        f"to {run_dir / 'samples.jsonl'}" + (f"; mean score {settings['mean_score']:.4f}" if scorers else "")
+        + (f"; KL from the reference {settings['kl_estimate']:.4f} nats per sequence" if reference is not None else ""))
     return records
 
 

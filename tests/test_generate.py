@@ -133,7 +133,42 @@ def test_samples_scored_by_a_classifier_as_it_scores_them_directly(pretrained, a
             probs = torch.softmax(model(**enc).logits.float()[0], -1)
         assert record["score"] == pytest.approx(float(probs[labels.index("river")]), abs=1e-5)
         assert set(record["label_probs"]) == set(labels)
-    assert json.loads((run / "settings.json").read_text())["score"] == "P(river)"
+    assert json.loads((run / "settings.json").read_text())["score"] == ["P(river)"]
+
+
+def test_several_scorers_and_the_kl_from_a_reference(pretrained, adapters, tmp_path):
+    """`scores` holds every scorer's score in order; `logprob` is the sample's log-probability under the model
+    (teacher-forced, as plain transformers computes it), `ref_logprob` under kl_reference, and the KL estimate
+    their mean difference: zero against the model itself."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common = [f"model.name_or_path={pretrained['gpt']}", f"prompts=[{PROMPTS[0]},{PROMPTS[2]}]", "hardware=cpu",
+              "sampling.max_new_tokens=6", "sampling.samples_per_prompt=2"]
+    run = tmp_path / "self"
+    assert ftk("generate", *common, f"score_with=[{adapters['cls']},{adapters['cls']}]",
+               f"kl_reference={pretrained['gpt']}", f"hydra.run.dir={run}") == 0
+    got = samples(run)
+    assert all(r["scores"] == [r["score"], r["score"]] for r in got)
+    assert all(r["logprob"] == r["ref_logprob"] < 0 for r in got)
+    assert json.loads((run / "settings.json").read_text())["kl_estimate"] == 0
+
+    tok = AutoTokenizer.from_pretrained(pretrained["gpt"])
+    model = AutoModelForCausalLM.from_pretrained(pretrained["gpt"]).eval()
+    first = got[0]
+    prompt = tok(first["prompt"])["input_ids"]
+    completion = tok(first["completion"], add_special_tokens=False)["input_ids"]
+    completion += [tok.eos_token_id] if first["stopped"] == "eos" else []
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+    expected = sum(float(logps[len(prompt) - 1 + i, t]) for i, t in enumerate(completion))
+    assert first["logprob"] == pytest.approx(expected, abs=1e-3)
+
+    other = tmp_path / "other"
+    assert ftk("generate", *common, f"kl_reference={adapters['clm']}", f"hydra.run.dir={other}") == 0
+    assert json.loads((other / "settings.json").read_text())["kl_estimate"] != 0
+    assert ftk("generate", *common, "sampling.top_k=5", f"kl_reference={adapters['clm']}",
+               f"hydra.run.dir={tmp_path / 'biased'}") == 2
 
 
 class _Cfg:

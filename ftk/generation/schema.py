@@ -47,8 +47,13 @@ class GenerateConfig:
     max_prompts: Optional[int] = ranged(None, ge=1)  # only the first N prompts of a file
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     batch_size: int = ranged(8, ge=1)  # prompts per generate() call (left-padded, with the KV cache)
-    score_with: Optional[str] = None    # a classifier or reward model (final/ of a finetune run) scoring each sample
-    score_label: Optional[str] = None   # the classifier's label whose probability is the score; null = the last
+    # Classifiers or reward models (final/ of a finetune run) scoring each sample: one path, or a list (`score` is
+    # the first's, `scores` all of them in order)
+    score_with: Any = None
+    score_label: Optional[str] = None   # the classifiers' label whose probability is the score; null = the last
+    # A model (or adapter) the samples' log-probabilities are also read under: each sample's `logprob` and
+    # `ref_logprob`, and settings.json's `kl_estimate` of KL(model || kl_reference) per sequence
+    kl_reference: Optional[str] = None
     score_text: ScoreText = ScoreText.full
     print_samples: Optional[int] = ranged(None, ge=0)  # samples shown on the terminal; null = all when 20 or fewer
 
