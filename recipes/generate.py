@@ -34,8 +34,10 @@ def _instruction_format(cfg: DictConfig, target, tokenizer) -> bool:
         return chosen is PromptFormat.instruction
     from ftk.objectives.table import NAMES, facts
 
+    # SFT lays instructions out (chat template or Alpaca); preference data uses string prompts as they are
+    # (message lists through the chat template, which the tokenizer check below covers).
     objective = target.record.get("objective")
-    tuned_on_instructions = objective in NAMES and facts(objective).data in ("instructions", "preferences")
+    tuned_on_instructions = objective in NAMES and facts(objective).data == "instructions"
     return tuned_on_instructions or bool(getattr(tokenizer, "chat_template", None))
 
 
