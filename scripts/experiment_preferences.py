@@ -376,9 +376,12 @@ def report(out: Path, mode: Mode, models: Dict[str, dict], steer: dict, hh: List
 
 def _pm(values: Sequence[float], percent: bool = True) -> str:
     mean, sd = mean_sd(values)
-    scale = 100 if percent else 1
-    return f"{scale * mean:.1f}{'%' if percent else ''} ± {scale * sd:.1f} (n={len(values)})" if percent else \
-        f"{mean:.3f} ± {sd:.3f} (n={len(values)})"
+    if percent:
+        mean, sd = 100 * mean, 100 * sd
+    text = f"{mean:.1f}%" if percent else f"{mean:.3f}"
+    if len(values) > 1:
+        text += f" ± {sd:.1f}" if percent else f" ± {sd:.3f}"
+    return f"{text} (n={len(values)})"
 
 
 def _cell(text: str) -> str:
