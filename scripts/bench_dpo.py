@@ -275,7 +275,7 @@ def main() -> None:
         return
     if a.smoke:
         a.width, a.layers, a.heads, a.vocab, a.seq_len, a.batch = 64, 2, 2, 512, 128, 4
-    steps, warmup, rounds = (3, 1, 1) if a.smoke else (30, 5, 2) if a.quick else (80, 10, 3)
+    steps, warmup, rounds = (3, 1, 1) if a.smoke else (12, 3, 2) if a.quick else (60, 10, 3)
     a.steps, a.warmup, a.rounds = a.steps or steps, a.warmup or warmup, a.rounds or rounds
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
