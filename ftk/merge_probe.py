@@ -41,7 +41,9 @@ def quiet() -> Iterator[None]:
 
 def load_kwargs(objective: Objective, labels: List[str], tokenizer: Any, trust_remote_code: bool) -> Dict[str, Any]:
     kwargs: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if objective is Objective.classification:
+    from ftk.objectives.table import facts
+
+    if facts(objective).head == "sequence_classification":  # classification, reward models
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={name: i for i, name in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
     return kwargs

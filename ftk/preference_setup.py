@@ -95,6 +95,13 @@ def attach_reference(objective: Any, cfg: Any, regime: Any, model: Any, base: st
             from ftk.finetune_setup import load_base_lm
 
             copy_ = load_base_lm(base, base_config, cfg.model.trust_remote_code, dtype)
+        from ftk.hardware import use_fused_kernels
+
+        use_fused_kernels(copy_)  # the same kernels as the policy (ftk.train.run applies them to it)
+        if session.plan.matmul_attention:
+            from ftk.cpu_attention import use_matmul_attention
+
+            use_matmul_attention(copy_)
         objective.reference = FrozenCopy(copy_.to(device))
         say(f"reference: a frozen copy of the base in {str(dtype).replace('torch.', '')}")
     elif strategy == "precomputed":

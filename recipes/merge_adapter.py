@@ -18,7 +18,6 @@ from omegaconf import DictConfig
 
 from ftk import runs, schemas
 from ftk.errors import UsageError, first_line, reported
-from ftk.schemas import Objective
 
 SCHEMA = schemas.MergeConfig
 schemas.register_merge()
@@ -86,7 +85,10 @@ def merge_adapter(cfg: DictConfig) -> Dict[str, Any]:
     same_base = base_fingerprint.check(adapter.path, adapter.record, base, bool(cfg.allow_other_base), say)
 
     objective = lib.objective_of(adapter, base_config)
-    labels = lib.labels_of(adapter) if objective is Objective.classification else []
+    from ftk.objectives.table import facts as objective_facts
+
+    # a classifier's labels, or a reward model's one score ("reward"): the head has a row per label
+    labels = lib.labels_of(adapter) if objective_facts(objective).head == "sequence_classification" else []
     encoder = setup.is_encoder(base_config)
     cls = setup.auto_class(objective)
     kwargs = merge_probe.load_kwargs(objective, labels, tokenizer, trust)

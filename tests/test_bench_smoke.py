@@ -69,3 +69,24 @@ def test_compile_row_is_reported_apart_with_its_compile_time_and_break_even():
     slower = [dict(r, step_s_median=1.2) if r["compile"] else r for r in results]
     assert "compile never pays off here" in bench.summarise(slower, bench.Shape(), {"bf16": 400.0, "fp32": 150.0},
                                                             meta)[0]
+
+
+@pytest.mark.slow
+def test_bench_dpo_smoke_runs_ftk_and_trl_on_the_same_pairs(tmp_path):
+    """scripts/bench_dpo.py --smoke: both sides train the same seeded model on the same HH pairs in the same order;
+    their losses agree step for step within rounding, and the report ends with the ratio line."""
+    pytest.importorskip("trl")
+    hh = REPO.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
+    if not hh.is_file():
+        pytest.skip("the shared HH data is not beside the checkout")
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_dpo.py"), "--smoke", "--regimes", "lora",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.rstrip().splitlines()[-1].startswith("ratio ftk/TRL DPO tokens/s: ")
+    assert re.search(r"^ratio ftk/TRL DPO tokens/s: \d+\.\d\d$", done.stdout, re.MULTILINE)
+    runs = {r["side"]: r for r in json.loads((out / "bench_dpo.json").read_text())["runs"]}
+    assert set(runs) == {"ftk", "trl"} and all(r["tokens_per_s"] > 0 for r in runs.values())
+    assert abs(runs["ftk"]["loss_first"] - runs["trl"]["loss_first"]) < 1e-3  # both start at log 2
+    assert abs(runs["ftk"]["loss_final"] - runs["trl"]["loss_final"]) < 5e-3

@@ -311,3 +311,37 @@ def test_planner_counts_pairs_and_the_reference(pretrained):
     assert pre.weights == sft.weights and copy.weights == sft.weights + 2 * sft.parameters
     assert pre.activations > 1.9 * sft.activations  # two sequences per pair
     assert copy.logits > pre.logits
+
+
+@pytest.mark.parametrize("regime", ["lora", "full"])
+def test_dpo_on_two_processes_matches_one(regime, pretrained, pairs_file, tmp_path):
+    """Pairs weigh the same over ranks (targets = pairs), and the reference (adapter off, frozen copy) runs on
+    each rank: 2 processes x 4 pairs give the losses and figures of 1 x 8."""
+    from tests.test_distributed import one_and_two_processes
+
+    # no dropout: its draws depend on the rank, so 2 x 4 pairs would see other masks than 1 x 8
+    dropout = ["regime.lora_dropout=0"] if regime == "lora" else []
+    args = ["finetune", *TINY, "objective=dpo", f"regime={regime}", *dropout, f"model.name_or_path={pretrained['gpt']}",
+            f"data.path={pairs_file['train']}", f"data.validation_path={pairs_file['dev']}", "train.max_steps=3",
+            "train.log_every=1", "train.eval_every=3", "train.save_every=0", "train.lr=1e-3",
+            "train.eval_batches=0"]  # the whole validation set (eval_batches counts micro-batches)
+    one, two = one_and_two_processes(args, tmp_path)
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for key in ("loss", "accuracy", "margin", "logps_chosen", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert two[-1]["eval_accuracy"] == one[-1]["eval_accuracy"]
+    assert two[-1]["eval_margin"] == pytest.approx(one[-1]["eval_margin"], rel=1e-4, abs=1e-6)
+
+
+def test_reward_lora_adapter_merges_and_a_head_only_reward_model_trains(pretrained, pairs_file, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    data = [f"model.name_or_path={pretrained['gpt']}", f"data.path={pairs_file['train']}", "train.max_steps=2"]
+    run, _, _ = _run(tmp_path, "rm-lora", "objective=reward", "regime=lora", *data)
+    merged = tmp_path / "merged"
+    # merge-adapter checks the merged scores against base + adapter before writing
+    assert ftk("merge-adapter", f"adapter_path={run / 'final'}", f"output_dir={merged}") == 0
+    assert AutoModelForSequenceClassification.from_pretrained(merged).config.num_labels == 1
+    _, history, summary = _run(tmp_path, "rm-head", "objective=reward", "regime=feature_extraction", *data)
+    assert summary["trainable_parameters"] < 1000 and "eval_accuracy" in history[-1]

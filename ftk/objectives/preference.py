@@ -30,7 +30,6 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ftk.objectives import token_logits
 from ftk.objectives.base import Objective
 
 Sums = Dict[str, torch.Tensor]
@@ -39,16 +38,33 @@ Sums = Dict[str, torch.Tensor]
 def sequence_logps(model: Any, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sum of the response tokens' log-probabilities, number of response tokens) of each sequence, float32.
 
-    Only the response positions' logits are upcast and normalised: prompts are often most of the tokens."""
-    logits = token_logits(model, inputs)
-    targets = inputs["labels"][:, 1:]
+    Only the positions from the earliest response on get logits (transformers' `logits_to_keep`): prompts are
+    often most of the tokens (HH: ~70%), and the output head over the vocabulary is the largest matmul of a
+    small model; of those, only the response positions are upcast and normalised."""
+    labels = inputs["labels"]
     if "attention_mask" in inputs:
-        targets = targets.masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
+        labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+    has = labels != -100
+    # the position that predicts the first response token of any row (responses start after their prompt)
+    start = max(int(torch.where(has.any(0))[0][0]) - 1, 0) if bool(has.any()) else 0
+    logits = _last_logits(model, inputs, labels.shape[1] - start)
+    targets = labels[:, start + 1:]
     keep = targets != -100
     rows = keep.nonzero()[:, 0]
     token_logps = -F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
     sums = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     return sums.index_add(0, rows, token_logps), keep.sum(1).to(token_logps.dtype)
+
+
+def _last_logits(model: Any, inputs: Dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """The logits of the last `keep` input positions (a soft prompt's virtual tokens come first, so they are
+    never among them); a model that does not take `logits_to_keep` computes all and is sliced."""
+    args = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+    try:
+        logits = model(**args, logits_to_keep=keep).logits
+    except TypeError:
+        logits = model(**args).logits
+    return logits[:, -keep:]
 
 
 class Reference:

@@ -35,10 +35,13 @@ class Prepared:
 
 def check_fits(regime: str, objective: Objective) -> None:
     """Refuse a regime that cannot serve the objective, before anything is loaded."""
+    from ftk.objectives.table import facts as objective_facts
+
     row, objective = facts(regime), Objective(objective)
-    if row.needs_new_head and objective is not Objective.classification:
+    if row.needs_new_head and objective_facts(objective).head != "sequence_classification":
         raise UsageError(f"regime={row.name} trains a new task head, and objective={objective.value} has none; "
-                         "use objective=classification, or regime=freeze_layers / lora for language modelling")
+                         "use objective=classification or reward, or regime=freeze_layers / lora for language "
+                         "modelling")
     if objective.value in row.refuses:
         served = ", ".join(o.value for o in Objective if o.value not in row.refuses)
         fix = "; use regime=lora for continued masked-LM training" if objective is Objective.mlm else ""
