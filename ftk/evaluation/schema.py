@@ -15,6 +15,7 @@ class EvalKind(str, Enum):
     perplexity = "perplexity"      # causal LM: sliding-window perplexity; masked LM: masked-token loss/accuracy
     classification = "classification"
     icl = "icl"                    # in-context learning: k-shot prompts, answer by verbalizer log-likelihood
+    harness = "harness"            # EleutherAI's lm-evaluation-harness: eval.tasks, eval.include_path (local tasks)
 
 
 @dataclass
@@ -31,7 +32,10 @@ class EvalConfig:
     num_test: int = ranged(200, ge=1)  # icl: test examples (the same for every k)
     template: str = "{text}\nAnswer: {label}"  # icl: one example; shots are joined by a blank line
     verbalizers: Optional[List[str]] = None    # icl: the word for each label (sorted label order); null = names
-    max_examples: Optional[int] = ranged(None, ge=1)  # classification: evaluate only the first N examples
+    max_examples: Optional[int] = ranged(None, ge=1)  # classification, harness: evaluate only the first N examples
+    tasks: Optional[List[str]] = None  # harness: lm-eval task (or group) names, e.g. [hellaswag,arc_easy]
+    include_path: Optional[str] = None  # harness: a folder of task YAMLs (local tasks over local data: offline)
+    num_fewshot: Optional[int] = ranged(None, ge=0)  # harness: shots per prompt; null = each task's own default
 
 
 @dataclass
