@@ -102,6 +102,18 @@ def _mlflow_tracker_class():
             ids["mlflow_run_id"] = self.active_run.info.run_id
             self.ids_file.write_text(json.dumps(ids) + "\n")
 
+        @on_main_process
+        def store_init_configuration(self, values: dict):
+            """MLflow's params cannot change within a run: a resumed run logs the keys it has not logged yet, and
+            each value that differs from the logged one as a tag `resumed.<key>` (train.max_steps, train.resume)."""
+            import mlflow
+
+            logged = mlflow.get_run(self.active_run.info.run_id).data.params
+            changed = {f"resumed.{k}": str(v) for k, v in values.items() if k in logged and logged[k] != str(v)}
+            if changed:
+                mlflow.set_tags(changed)
+            super().store_init_configuration({k: v for k, v in values.items() if k not in logged})
+
     return MlflowInRun
 
 

@@ -82,3 +82,22 @@ def test_a_tracker_that_is_not_installed_stops_with_the_pip_command(name, corpus
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"pip install 'ftk[{name}]'" in err[0], err
     assert not (run / "metrics.jsonl").exists()
+
+
+def test_a_resumed_run_continues_its_mlflow_run_and_tensorboard_curve(corpus_dir_module, tmp_path):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    common = (*TINY_GPT, f"data.path={corpus_dir_module}", "train.eval_every=5", "data.max_documents=300",
+              "logger=[mlflow,tensorboard]", f"hydra.run.dir={run}")
+    assert ftk("pretrain", *common, "train.max_steps=5") == 0
+    assert ftk("pretrain", *common, "train.max_steps=10", "train.resume=auto") == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    (logged,) = client.search_runs([client.get_experiment_by_name("ftk").experiment_id])  # one run, not two
+    assert sorted(m.step for m in client.get_metric_history(logged.info.run_id, "loss")) == [5, 10]
+    assert logged.info.status == "FINISHED" and logged.data.metrics["summary/steps"] == 10
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [5, 10]
+    assert client.get_run(logged.info.run_id).data.tags["resumed.train.max_steps"] == "10"
+    assert logged.data.params["train.max_steps"] == "5"  # MLflow keeps a run's params as first logged
