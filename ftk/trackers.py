@@ -92,9 +92,18 @@ def _mlflow_tracker_class():
 
         @on_main_process
         def start(self):
+            import os
+
             import mlflow
 
+            user_uri = os.environ.get("MLFLOW_TRACKING_URI")
             mlflow.set_tracking_uri(self.uri)
+            # set_tracking_uri also exports the URI to the environment (for subprocesses): put the user's back, or
+            # the next job of a sweep would take this run's local store for the user's server
+            if user_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = user_uri
             if mlflow.active_run() is not None:  # left open by an earlier job of this sweep that failed
                 mlflow.end_run(status="FAILED")
             super().start()
@@ -176,10 +185,16 @@ def finish(accelerator: Any, summary: Dict[str, Any]) -> None:
     end(accelerator)
 
 
-def end(accelerator: Any) -> None:
-    """Close the trackers (also after a failed or stopped run, so that the next job of a sweep starts clean)."""
+def end(accelerator: Any, status: str = "FINISHED") -> None:
+    """Close the trackers; a run that failed or was stopped closes them too (MLflow records it as FAILED or
+    KILLED), so that the dashboard does not show it running forever and a sweep's next job starts clean."""
     # Not accelerator.end_training(): it also destroys the process group, which a sweep's next job still uses.
     for tracker in getattr(accelerator, "trackers", None) or []:
-        tracker.finish()
+        if tracker.name == "mlflow" and status != "FINISHED":
+            import mlflow
+
+            mlflow.end_run(status=status)
+        else:
+            tracker.finish()
     if getattr(accelerator, "trackers", None):
         accelerator.trackers = []

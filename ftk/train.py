@@ -374,6 +374,9 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                         f"stopped by {stop.signal_name or 'a signal to another process'} at step {state.step}; "
                         f"checkpoint saved to {path}. "
                         f"Resume with the same command plus train.resume=auto hydra.run.dir={run_dir}")
+    except BaseException as exc:
+        trackers.end(accelerator, "KILLED" if isinstance(exc, (Preempted, KeyboardInterrupt)) else "FAILED")
+        raise
     finally:
         progress.close()
         log.close()
