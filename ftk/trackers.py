@@ -68,11 +68,16 @@ def _stable_id(run_dir: Path) -> str:
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
+def local_store(run_dir: Path) -> str:
+    """MLflow's store in the run: a SQLite file (MLflow 3 refuses its old ./mlruns file store by default)."""
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
 def tracking_uri(settings: Any, run_dir: Path) -> str:
+    """logger.mlflow.tracking_uri, else the user's $MLFLOW_TRACKING_URI, else the local store in the run."""
     import os
 
-    return settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-        f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    return settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store(run_dir)
 
 
 def _mlflow_tracker_class():
@@ -86,9 +91,11 @@ def _mlflow_tracker_class():
             self.uri = tracking_uri(settings, run_dir)
             self.ids_file = run_dir / RUN_IDS
             saved = json.loads(self.ids_file.read_text()) if self.ids_file.is_file() else {}
+            local = self.uri == local_store(run_dir)
+            # The local store keeps its artifacts (summary.json) in the run too; a server keeps its own
             super().__init__(experiment_name=settings.experiment, run_id=saved.get("mlflow_run_id"),
-                             run_name=run_dir.name, logging_dir=str((run_dir / "mlartifacts").resolve())
-                             if not settings.tracking_uri else None)
+                             run_name=run_dir.name,
+                             logging_dir=str((run_dir / "mlartifacts").resolve()) if local else None)
 
         @on_main_process
         def start(self):
