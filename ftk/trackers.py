@@ -172,6 +172,18 @@ def log(accelerator: Any, record: Dict[str, Any]) -> None:
         accelerator.log(values, step=int(record["step"]))
 
 
+def resumed_at(accelerator: Any, step: int) -> None:
+    """A run resumed from its step-`step` checkpoint runs again the steps the interrupted run may have logged after
+    it. TensorBoard's own mechanism hides those (a SessionLog START event at step + 1: readers drop the earlier
+    events from that step on, as SummaryWriter(purge_step=...) does), so the curve stays continuous."""
+    for tracker in getattr(accelerator, "trackers", None) or []:
+        if tracker.name == "tensorboard":
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            tracker.writer._get_file_writer().add_event(
+                Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+
+
 def finish(accelerator: Any, summary: Dict[str, Any]) -> None:
     """The summary into every tracker, then close them (main process only)."""
     if not accelerator.trackers:

@@ -136,3 +136,20 @@ def test_a_run_that_fails_closes_its_mlflow_run_as_failed(corpus_dir_module, tmp
     import mlflow
 
     assert mlflow.active_run() is None  # the next run in this process starts clean
+
+
+def test_tensorboard_hides_what_an_interrupted_run_logged_after_the_checkpoint_it_resumes(corpus_dir_module,
+                                                                                         tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    common = (*TINY_GPT, f"data.path={corpus_dir_module}", "data.max_documents=300", "train.eval_every=0",
+              "train.log_every=2", "train.save_every=4", "logger=tensorboard", f"hydra.run.dir={run}")
+    assert ftk("pretrain", *common, "train.max_steps=8") == 0
+    first = {e.step: e.value for e in EventAccumulator(str(run / "tensorboard")).Reload().Scalars("loss")}
+    # as if killed after step 8 had been logged: resume from the step-4 checkpoint, running 5-8 again, at another lr
+    assert ftk("pretrain", *common, "train.max_steps=8", "train.lr=1e-3", "train.accept_changes=true",
+               f"train.resume={run / 'checkpoints' / 'step-0000004'}") == 0
+    read = [(e.step, e.value) for e in EventAccumulator(str(run / "tensorboard")).Reload().Scalars("loss")]
+    assert [s for s, _ in read] == [2, 4, 6, 8]  # steps 6 and 8 once, from the resumed run
+    assert dict(read)[4] == first[4] and dict(read)[8] != first[8]
