@@ -149,13 +149,14 @@ def refuse_finished_run(overrides: List[str]) -> Optional[str]:
 
 def bracket_lists(overrides: List[str], list_keys) -> List[str]:
     """`eval.shots=0,1,8` is a list for keys that hold one (Hydra would read it as a sweep and refuse it
-    outside --multirun); in a multirun the user's commas keep their sweep meaning."""
+    outside --multirun), and `eval.tasks=hellaswag` a list of one; in a multirun the user's commas keep their sweep
+    meaning."""
     if any(o in ("-m", "--multirun") for o in overrides):
         return overrides
     out = []
     for o in overrides:
         key, _, value = o.partition("=")
-        if key in list_keys and "," in value and not value.startswith("["):
+        if key in list_keys and value and not value.startswith("[") and value != "null":  # one value: a list of one
             o = f"{key}=[{value}]"
         out.append(o)
     return out

@@ -68,11 +68,16 @@ def _stable_id(run_dir: Path) -> str:
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
+def local_store(run_dir: Path) -> str:
+    """MLflow's store in the run: a SQLite file (MLflow 3 refuses its old ./mlruns file store by default)."""
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
 def tracking_uri(settings: Any, run_dir: Path) -> str:
+    """logger.mlflow.tracking_uri, else the user's $MLFLOW_TRACKING_URI, else the local store in the run."""
     import os
 
-    return settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-        f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    return settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store(run_dir)
 
 
 def _mlflow_tracker_class():
@@ -86,21 +91,44 @@ def _mlflow_tracker_class():
             self.uri = tracking_uri(settings, run_dir)
             self.ids_file = run_dir / RUN_IDS
             saved = json.loads(self.ids_file.read_text()) if self.ids_file.is_file() else {}
+            local = self.uri == local_store(run_dir)
+            # The local store keeps its artifacts (summary.json) in the run too; a server keeps its own
             super().__init__(experiment_name=settings.experiment, run_id=saved.get("mlflow_run_id"),
-                             run_name=run_dir.name, logging_dir=str((run_dir / "mlartifacts").resolve())
-                             if not settings.tracking_uri else None)
+                             run_name=run_dir.name,
+                             logging_dir=str((run_dir / "mlartifacts").resolve()) if local else None)
 
         @on_main_process
         def start(self):
+            import os
+
             import mlflow
 
+            user_uri = os.environ.get("MLFLOW_TRACKING_URI")
             mlflow.set_tracking_uri(self.uri)
+            # set_tracking_uri also exports the URI to the environment (for subprocesses): put the user's back, or
+            # the next job of a sweep would take this run's local store for the user's server
+            if user_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = user_uri
             if mlflow.active_run() is not None:  # left open by an earlier job of this sweep that failed
                 mlflow.end_run(status="FAILED")
             super().start()
             ids = json.loads(self.ids_file.read_text()) if self.ids_file.is_file() else {}
             ids["mlflow_run_id"] = self.active_run.info.run_id
             self.ids_file.write_text(json.dumps(ids) + "\n")
+
+        @on_main_process
+        def store_init_configuration(self, values: dict):
+            """MLflow's params cannot change within a run: a resumed run logs the keys it has not logged yet, and
+            each value that differs from the logged one as a tag `resumed.<key>` (train.max_steps, train.resume)."""
+            import mlflow
+
+            logged = mlflow.get_run(self.active_run.info.run_id).data.params
+            changed = {f"resumed.{k}": str(v) for k, v in values.items() if k in logged and logged[k] != str(v)}
+            if changed:
+                mlflow.set_tags(changed)
+            super().store_init_configuration({k: v for k, v in values.items() if k not in logged})
 
     return MlflowInRun
 
@@ -144,6 +172,18 @@ def log(accelerator: Any, record: Dict[str, Any]) -> None:
         accelerator.log(values, step=int(record["step"]))
 
 
+def resumed_at(accelerator: Any, step: int) -> None:
+    """A run resumed from its step-`step` checkpoint runs again the steps the interrupted run may have logged after
+    it. TensorBoard's own mechanism hides those (a SessionLog START event at step + 1: readers drop the earlier
+    events from that step on, as SummaryWriter(purge_step=...) does), so the curve stays continuous."""
+    for tracker in getattr(accelerator, "trackers", None) or []:
+        if tracker.name == "tensorboard":
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            tracker.writer._get_file_writer().add_event(
+                Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+
+
 def finish(accelerator: Any, summary: Dict[str, Any]) -> None:
     """The summary into every tracker, then close them (main process only)."""
     if not accelerator.trackers:
@@ -164,10 +204,16 @@ def finish(accelerator: Any, summary: Dict[str, Any]) -> None:
     end(accelerator)
 
 
-def end(accelerator: Any) -> None:
-    """Close the trackers (also after a failed or stopped run, so that the next job of a sweep starts clean)."""
+def end(accelerator: Any, status: str = "FINISHED") -> None:
+    """Close the trackers; a run that failed or was stopped closes them too (MLflow records it as FAILED or
+    KILLED), so that the dashboard does not show it running forever and a sweep's next job starts clean."""
     # Not accelerator.end_training(): it also destroys the process group, which a sweep's next job still uses.
     for tracker in getattr(accelerator, "trackers", None) or []:
-        tracker.finish()
+        if tracker.name == "mlflow" and status != "FINISHED":
+            import mlflow
+
+            mlflow.end_run(status=status)
+        else:
+            tracker.finish()
     if getattr(accelerator, "trackers", None):
         accelerator.trackers = []

@@ -251,6 +251,8 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
     # Trimmed to the step training restarts from, also 0: a run killed before its first checkpoint starts over,
     # and its lines would otherwise appear twice.
     log = MetricsLog(run_dir / "metrics.jsonl", main, state.step)
+    if resume_from is not None:
+        trackers.resumed_at(accelerator, state.step)  # the trackers' curves continue from the checkpoint too
     progress = TrainingProgress(t.max_steps, state.step, enabled=main)
     result = LoopResult(state=state)
     # The model itself, not torch.compile's wrapper (whose parameter names start with `_orig_mod.`): regimes
@@ -388,6 +390,9 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
                         f"stopped by {stop.signal_name or 'a signal to another process'} at step {state.step}; "
                         f"checkpoint saved to {path}. "
                         f"Resume with the same command plus train.resume=auto hydra.run.dir={run_dir}")
+    except BaseException as exc:
+        trackers.end(accelerator, "KILLED" if isinstance(exc, (Preempted, KeyboardInterrupt)) else "FAILED")
+        raise
     finally:
         progress.close()
         log.close()

@@ -17,7 +17,7 @@ from ftk.errors import UsageError, reported
 from ftk.evaluation import schema
 
 SCHEMA = schema.EvaluateConfig
-LIST_KEYS = ("eval.shots", "eval.verbalizers")  # `eval.shots=0,1,8` means a list here, not a sweep
+LIST_KEYS = ("eval.shots", "eval.verbalizers", "eval.tasks")  # `eval.shots=0,1,8` means a list here, not a sweep
 schema.register()
 
 
@@ -55,6 +55,11 @@ def evaluate(cfg: DictConfig) -> dict:
     say = console.print
     hardware.set_threads(cfg.hardware.num_threads)
     device = "cuda" if hardware.resolve(cfg.hardware, 1, 1).device == "cuda" else "cpu"
+    manager = None
+    if kind is EvalKind.harness:
+        from ftk.evaluation import harness
+
+        manager = harness.prepare(cfg)  # lm-eval installed, tasks known: refused before anything is loaded
     say(f"model: {target.describe()}; evaluation: {kind.value}")
 
     results: dict = {"model": target.model_path, "adapter": target.adapter_path, "kind": kind.value}
@@ -66,6 +71,8 @@ def evaluate(cfg: DictConfig) -> dict:
         from ftk.evaluation import preference
 
         results["preference"] = preference.evaluate(cfg, target, device, say)
+    elif kind is EvalKind.harness:
+        results.update(harness.evaluate(cfg, target, device, say, manager))
     else:
         results.update(_icl(cfg, target, device, say))
     results["wall_time_s"] = round(time.time() - started, 2)

@@ -2,7 +2,7 @@
 
 Causal LM: a window of `context` tokens slides by `stride`; each window scores only the tokens no
 earlier window scored, so every token counts once, with at least context - stride tokens of history
-(the first window's tokens with less). Full windows are batched (same length, so no padding); the
+(the first window's tokens with less; with stride = context, windows share one token: see `windows`). Full windows are batched (same length, so no padding); the
 loss is summed in float64 and divided by the token count at the end: the figure is the same at any
 batch size, up to float rounding (1e-6 relative here).
 
@@ -22,9 +22,14 @@ import torch.nn.functional as F
 
 def windows(n_tokens: int, context: int, stride: int) -> List[Tuple[int, int, int]]:
     """(begin, end, first scored position) of each window, starting every `stride` tokens. Position p is
-    scored in the first window that reaches it, from the logits at p - 1 (position 0 has no history)."""
-    out, scored_until = [], 1
-    for begin in range(0, n_tokens, stride):
+    scored in the first window that reaches it, from the logits at p - 1 (position 0 has no history).
+
+    A window never starts past the last position already scored: with stride = context (non-overlapping windows)
+    consecutive windows share one token, the history of the next window's first scored token, so that every
+    token is still scored once (lm-evaluation-harness's rolling windows overlap by one token the same way);
+    otherwise the first token of every window after the first would go unscored, and those are the hardest."""
+    out, scored_until, begin = [], 1, 0
+    while begin < n_tokens:
         end = min(begin + context, n_tokens)
         first = max(scored_until, begin + 1)
         if end > first:
@@ -32,6 +37,7 @@ def windows(n_tokens: int, context: int, stride: int) -> List[Tuple[int, int, in
         scored_until = max(scored_until, end)
         if end == n_tokens:
             break
+        begin = min(begin + stride, scored_until - 1)
     return out
 
 

@@ -49,6 +49,13 @@ def _rows(results: Dict[str, Any]) -> List[Tuple[str, str]]:
         rows += [("data", i["data"]), ("chance / majority", f"{i['chance']:.2%} / {i['majority']:.2%}")]
         rows += [(f"{r['shots']}-shot accuracy", f"{r['accuracy']:.2%} (n={r['test_examples']}, "
                                                  f"{r['mean_shots_used']:.1f} shots fit)") for r in i["rows"]]
+    if "harness" in results:
+        h = results["harness"]
+        rows.append(("lm-eval tasks", ", ".join(h["requested"]) + (f" (from {h['include_path']})"
+                                                                   if h.get("include_path") else "")))
+        rows += [(f"{task}: {metric}", f"{value:.4f}" + (f" ± {row[metric + '_stderr']:.4f}"
+                                                        if isinstance(row.get(metric + "_stderr"), float) else ""))
+                 for task, row in h["tasks"].items() for metric, value in row.items() if not metric.endswith("_stderr")]
     return rows
 
 

@@ -16,6 +16,7 @@ class EvalKind(str, Enum):
     classification = "classification"
     icl = "icl"                    # in-context learning: k-shot prompts, answer by verbalizer log-likelihood
     preference = "preference"      # held-out preference pairs: pair accuracy and margin of a policy or reward model
+    harness = "harness"            # EleutherAI's lm-evaluation-harness: eval.tasks, eval.include_path (local tasks)
 
 
 @dataclass
@@ -32,11 +33,14 @@ class EvalConfig:
     num_test: int = ranged(200, ge=1)  # icl: test examples (the same for every k)
     template: str = "{text}\nAnswer: {label}"  # icl: one example; shots are joined by a blank line
     verbalizers: Optional[List[str]] = None    # icl: the word for each label (sorted label order); null = names
-    max_examples: Optional[int] = ranged(None, ge=1)  # classification, preference: only the first N examples/pairs
+    max_examples: Optional[int] = ranged(None, ge=1)  # classification, preference, harness: only the first N
     # preference: the reference policy of a DPO-family model (null: its adapter switched off, or the base it was
     # tuned from); for a reward model, the causal LM whose log-likelihood preference is the baseline
     reference: Optional[str] = None
     beta: Optional[float] = ranged(None, gt=0)  # preference: scale of implicit rewards; null = the run's objective.beta
+    tasks: Optional[List[str]] = None  # harness: lm-eval task (or group) names, e.g. [hellaswag,arc_easy]
+    include_path: Optional[str] = None  # harness: a folder of task YAMLs (local tasks over local data: offline)
+    num_fewshot: Optional[int] = ranged(None, ge=0)  # harness: shots per prompt; null = each task's own default
 
 
 @dataclass
