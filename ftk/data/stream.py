@@ -310,6 +310,8 @@ def _file_documents(f: Path, column: str) -> Iterator[str]:
                     yield text
     except UsageError:
         raise
+    except StopIteration:  # datasets finds no row to infer the columns from: a compressed empty shard
+        return
     except Exception as exc:
         raise UsageError(_read_error(f, builder, exc)) from None
 
