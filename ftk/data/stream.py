@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob as globbing
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +298,9 @@ def _file_documents(f: Path, column: str) -> Iterator[str]:
             if text.strip():
                 yield text
             return
+        if suffix == ".jsonl":
+            yield from _jsonl_documents(f, column)
+            return
         import datasets
 
         datasets.disable_progress_bars()
@@ -314,6 +318,32 @@ def _file_documents(f: Path, column: str) -> Iterator[str]:
         return
     except Exception as exc:
         raise UsageError(_read_error(f, builder, exc)) from None
+
+
+def _jsonl_documents(f: Path, column: str) -> Iterator[str]:
+    """JSON lines read with json.loads, one line at a time. Not through datasets: its streaming JSON reader turns
+    rows into Python at ~9 MB/s here, 20x slower than json.loads, and the main process must keep num_proc
+    tokenizing processes busy. Decompressed by fsspec as datasets does; a bad row is named by file and line."""
+    import fsspec
+
+    first = True
+    with fsspec.open(str(f), "rt", compression=compression(f), encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{f}:{number}: malformed JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{f}:{number}: a JSON lines row must be an object like {{\"text\": ...}}")
+            if first and column not in row:
+                raise UsageError(f"{f} has no column '{column}'; its columns are {', '.join(row)}: "
+                                 f"pass data.text_column=<one of them>")
+            first = False
+            text = row.get(column)
+            if isinstance(text, str) and text.strip():
+                yield text
 
 
 def _read_error(f: Path, builder: str, exc: BaseException) -> str:
