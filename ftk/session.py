@@ -98,8 +98,9 @@ def _torch_version() -> str:
 
 def process_group_kwargs(hw: Any) -> Any:
     """The process group's collective timeout (hardware.timeout_minutes). NCCL's default of 10 minutes kills a
-    multi-GPU job while rank 0 tokenizes a large corpus (the others wait in main_process_first's barrier) or
-    writes a large checkpoint (the others wait in wait_for_everyone). Applies when the group is created: the
+    multi-GPU job while rank 0 writes a large checkpoint (the others wait in wait_for_everyone), or prepares a
+    fine-tuning task's data (the others wait in main_process_first's barrier; `ftk pretrain` prepares its corpus
+    before the group exists, ftk/data/prepare.py). Applies when the group is created: the
     first job of a sweep sets it for the whole sweep."""
     from datetime import timedelta
 

@@ -70,6 +70,7 @@ class Stats:
     num_proc: int = 1
     empty_shards: List[str] = field(default_factory=list)
     validation: str = "held out"   # held out | given | tail of the token stream
+    prepared_by: str = ""          # host, pid and rank of the process that prepared it
 
     @property
     def tokens_per_s(self) -> float:
@@ -358,8 +359,11 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
     dtype = np.dtype(np.uint16 if len(tokenizer) < 2**16 else np.int32)
     writers = {"train": BlockWriter(tmp / "train.npy", seq_len, layout, dtype),
                "validation": BlockWriter(tmp / "validation.npy", seq_len, layout, dtype)}
+    import socket
+
     stats = Stats(num_proc=num_proc, input_bytes=corpus.total_bytes(),
-                  validation="given" if corpus.validation is not None else "held out")
+                  validation="given" if corpus.validation is not None else "held out",
+                  prepared_by=f"{socket.gethostname()} pid {os.getpid()} rank {os.environ.get('RANK', '0')}")
     backend = _backend_of(tokenizer)
     if backend is None:
         num_proc = stats.num_proc = 1  # a slow (Python) tokenizer is not sent to other processes
