@@ -23,7 +23,7 @@ class Session:
     say: Callable[[str], None]  # prints on the main process only
 
 
-def start(cfg: Any, run_dir: Path) -> Session:
+def start(cfg: Any, run_dir: Path, announce: bool = True) -> Session:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -68,7 +68,8 @@ def start(cfg: Any, run_dir: Path) -> Session:
         if accelerator.is_main_process:
             console.print(text)
 
-    say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
+    if announce:  # (a recipe that prints before the session starts said it first)
+        say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
     if note:
         say(note)
     if Device(cfg.hardware.device) is Device.auto and plan.device == "cpu":

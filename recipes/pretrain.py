@@ -47,10 +47,11 @@ def pretrain(cfg: DictConfig) -> dict:
     # The data is prepared before the process group exists: one process per cache location tokenizes while the
     # others poll its lock file, so no collective (and no NCCL timeout) waits on a long preparation.
     early_say = lm_setup.first_rank_say()
+    early_say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
     corpus = lm_setup.load_text(cfg, early_say)
     tokenizer, tokenizer_fp = lm_setup.tokenizer_for(cfg, corpus, resume_from, early_say)
     packed = lm_setup.pack(cfg, corpus, tokenizer, tokenizer_fp, early_say).packed
-    session = sessions.start(cfg, run_dir)
+    session = sessions.start(cfg, run_dir, announce=False)
     say = session.say
     from ftk import planner
     from ftk import cpu_heap
