@@ -19,7 +19,10 @@ Per size, each in a fresh process with its own cache folder:
   * `ftk pretrain ... train.max_steps=1` on the warm cache: seconds from the command's start to the end of the
     first training step (summary.json's first_step_s) and the command's wall time.
 Ratios are against peers in this same run: the speed-up of N processes over 1, and each size's peak RSS over
-the smallest size's. Prints a markdown table (and writes it to <out>/bench_data.md, raw numbers to .json).
+the smallest size's. "workers fed" is the workers' CPU seconds per CPU second of the main process (which reads,
+packs and writes): how many busy tokenizing processes one main process keeps up with, i.e. the num_proc up to
+which the speed-up can stay near-linear on a machine with that many free cores. On a shared machine the
+measured speed-up is bounded by the cores others leave free; this ratio is not. Prints a markdown table (and writes it to <out>/bench_data.md, raw numbers to .json).
 """
 
 from __future__ import annotations
@@ -149,6 +152,8 @@ def main() -> None:
             row[f"prep_s_{procs}"] = round(m["wall_s"], 1)
             row[f"tok_s_{procs}"] = round(meta["tokens"] / meta["seconds"])
             row[f"rss_{procs}"] = m["peak_rss"]
+            if procs > 1:  # CPU seconds of the tokenizing workers per CPU second of the main process feeding them
+                row["feedable"] = round(meta["workers_cpu_s"] / max(meta["main_cpu_s"], 1e-9), 1)
             row.update(tokens=meta["tokens"], documents=meta["documents"], cache_bytes=meta["cache_bytes"])
             print(f"  prepare num_proc={procs}: {m['wall_s']:.1f}s, {row[f'tok_s_{procs}']:,} tokens/s, "
                   f"peak RSS {m['peak_rss'] / 1e9:.2f} GB", flush=True)
@@ -171,9 +176,9 @@ def main() -> None:
     base_rss = rows[0][f"rss_{opts.procs}"]
     n = opts.procs
     lines = [f"| corpus | tokens | prepare 1 proc | prepare {n} procs | tokens/s 1 proc | tokens/s {n} procs | "
-             f"speed-up | same tokens | peak RSS 1 proc | peak RSS {n} procs | RSS / smallest | cache | "
+             f"speed-up | workers fed | same tokens | peak RSS 1 proc | peak RSS {n} procs | RSS / smallest | cache | "
              "warm start to first step |",
-             "|" + "---|" * 13]
+             "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r['size_gb']:.2f} GB | {r['tokens']:,} | {r['prep_s_1']:.0f} s | {r[f'prep_s_{n}']:.0f} s | "

@@ -71,6 +71,8 @@ class Stats:
     empty_shards: List[str] = field(default_factory=list)
     validation: str = "held out"   # held out | given | tail of the token stream
     prepared_by: str = ""          # host, pid and rank of the process that prepared it
+    main_cpu_s: float = 0.0        # CPU time of the main process (reading, packing, writing) ...
+    workers_cpu_s: float = 0.0     # ... and of the tokenizing processes: their ratio bounds the useful num_proc
 
     @property
     def tokens_per_s(self) -> float:
@@ -367,7 +369,11 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
     backend = _backend_of(tokenizer)
     if backend is None:
         num_proc = stats.num_proc = 1  # a slow (Python) tokenizer is not sent to other processes
+    import resource
+
     started = time.perf_counter()
+    cpu_started = time.process_time()
+    children_started = resource.getrusage(resource.RUSAGE_CHILDREN)
     bar = Bar(stats.input_bytes, corpus, enabled=progress and say is not None)
 
     def take(result: Tuple[np.ndarray, int, np.ndarray, int], target: str) -> None:
@@ -416,6 +422,10 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
     stats.seconds = round(time.perf_counter() - started, 3)
+    stats.main_cpu_s = round(time.process_time() - cpu_started, 3)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool's workers, joined when the pool closed
+    stats.workers_cpu_s = round(children.ru_utime + children.ru_stime - children_started.ru_utime
+                                - children_started.ru_stime, 3)
     stats.documents = stats.train_documents + stats.validation_documents
     stats.empty_shards = list(corpus.counts.empty_shards)
     train, validation = writers["train"], writers["validation"]
