@@ -246,3 +246,25 @@ def test_prepare_then_pretrain_starts_from_the_cache(corpus_dir, tmp_path, monke
                f"hydra.run.dir={tmp_path / 'run'}") == 0
     err = capsys.readouterr().err
     assert "(from cache)" in err and "cached gpt2 tokenizer" in err
+
+
+def test_tokenizer_learns_from_a_bounded_stream_of_training_documents(tmp_path):
+    from ftk.lm_setup import tokenizer_sample
+
+    corpus = stream.resolve(data_cfg(write_shards(tmp_path / "shards", DOCS)), seed=0)
+    everything = list(tokenizer_sample(corpus, max_chars=10**9))
+    assert everything == [d for d in DOCS if not stream.held_out(d, 0, 0.05)]  # held-out text is never learnt from
+    some = list(tokenizer_sample(corpus, max_chars=1000))
+    assert some == everything[:len(some)] and sum(map(len, some[:-1])) < 1000 <= sum(map(len, some))
+
+
+def test_a_batch_log_gets_progress_lines_with_an_eta(tokenizer, tmp_path, monkeypatch, capsys):
+    from ftk.data.tokenizer import tokenizer_fingerprint
+
+    monkeypatch.setattr(prepare.Bar, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(prepare, "BATCH_DOCS", 10)
+    corpus = stream.resolve(data_cfg(write_shards(tmp_path / "shards", DOCS)), seed=0)
+    prepare.prepare(corpus, tokenizer, tokenizer_fingerprint(tokenizer), 32, "clm", tmp_path / "cache", num_proc=1,
+                    say=print)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("prepare: ")]
+    assert len(lines) >= 5 and all("tokens/s, ETA" in x for x in lines) and lines[-1].startswith("prepare: 100%")

@@ -391,6 +391,7 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
 
     seed, fraction = corpus.seed, corpus.validation_fraction
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    finished = False
     try:
         if num_proc == 1:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # num_proc=1 means one core
@@ -414,9 +415,10 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
                 while pending:
                     future, where = pending.popleft()
                     take(future.result(), where)
+        finished = True
     finally:
         _WORKER.clear()
-        bar.close()
+        bar.close(finished)
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
@@ -476,19 +478,22 @@ class Bar:
     def done_bytes(self) -> int:
         return min(self.total, self.corpus.counts.done_bytes())
 
-    def update(self, tokens: int, elapsed: float) -> None:
+    def update(self, tokens: int, elapsed: float, final: bool = False) -> None:
         if not self.enabled:
             return
+        self.tokens, self.elapsed = tokens, elapsed
         speed = tokens / elapsed if elapsed > 0 else 0.0
-        done = self.done_bytes()
+        done = self.total if final else self.done_bytes()
         if self._progress is not None:
             self._progress.update(self._task, completed=done, speed=f"{speed:,.0f}")
-        elif time.perf_counter() - self.last_log >= self.LOG_EVERY_S:
+        elif final or time.perf_counter() - self.last_log >= self.LOG_EVERY_S:
             self.last_log = time.perf_counter()
             eta = elapsed * (self.total - done) / done if done else float("nan")
-            self.console.print(f"prepare: {done / self.total:.0%} of {self.total / 1e6:,.0f} MB, {tokens:,} tokens, "
+            self.console.print(f"prepare: {done / self.total:.0%} of {self.total / 1e6:,.1f} MB, {tokens:,} tokens, "
                                f"{speed:,.0f} tokens/s, ETA {eta:,.0f}s")
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        if finished and self.enabled:
+            self.update(getattr(self, "tokens", 0), getattr(self, "elapsed", 0.0), final=True)
         if self._progress is not None:
             self._progress.stop()
