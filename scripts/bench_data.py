@@ -119,11 +119,16 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=float, default=[0.1, 1.0, 4.0], help="corpus sizes in GB")
     parser.add_argument("--quick", action="store_true", help="sizes 0.01 and 0.04 GB")
     parser.add_argument("--procs", type=int, default=len(os.sched_getaffinity(0)), help="N for data.num_proc=N")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the table again from <out>/bench_data.json and the folders a run left")
     opts = parser.parse_args()
     out = opts.out.resolve()
     if out == REPO or REPO in out.parents:
         sys.exit("--out must be outside the repository")
     sizes = [0.01, 0.04] if opts.quick else opts.sizes
+    if opts.report:
+        report(out, json.loads((out / "bench_data.json").read_text()), sizes, opts)
+        return
     out.mkdir(parents=True, exist_ok=True)
     paras = paragraphs()
     tokenizer = build_tokenizer(out / "tokenizer-8k", paras)
@@ -170,21 +175,42 @@ def main() -> None:
         assert "(from cache)" in m["output"], m["output"][-2000:]
         summary = json.loads((run / "summary.json").read_text())
         row["warm_first_step_s"] = round(summary["first_step_s"], 1)
+        row["warm_blocks_s"] = summary.get("blocks_s")
         row["warm_wall_s"] = round(m["wall_s"], 1)
         rows.append(row)
         print(f"  warm pretrain: first step after {row['warm_first_step_s']}s", flush=True)
+        (out / "bench_data.json").write_text(json.dumps(rows, indent=1))  # kept as it goes: a size at a time
+    report(out, rows, sizes, opts)
+
+
+def num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(out: Path, rows: List[Dict], sizes: List[float], opts: argparse.Namespace) -> None:
+    for r in rows:  # fill in what an earlier version of this script did not record, from what its runs left
+        size = f"{r['size_gb']:g}"
+        summary = out / f"run-{size}GB" / "summary.json"
+        if r.get("warm_blocks_s") is None and summary.is_file():
+            r["warm_blocks_s"] = json.loads(summary.read_text()).get("blocks_s")
+        if r.get("feedable") is None:
+            for meta in out.glob(f"cache-*-{opts.procs}proc/tokens/*/meta.json"):
+                m = json.loads(meta.read_text())
+                if m.get("tokens") == r["tokens"] and m.get("main_cpu_s"):
+                    r["feedable"] = round(m["workers_cpu_s"] / m["main_cpu_s"], 1)
     base_rss = rows[0][f"rss_{opts.procs}"]
     n = opts.procs
     lines = [f"| corpus | tokens | prepare 1 proc | prepare {n} procs | tokens/s 1 proc | tokens/s {n} procs | "
              f"speed-up | workers fed | same tokens | peak RSS 1 proc | peak RSS {n} procs | RSS / smallest | cache | "
-             "warm start to first step |",
-             "|" + "---|" * 14]
+             "warm start to first step | of which finding the blocks |",
+             "|" + "---|" * 15]
     for r in rows:
         lines.append(
             f"| {r['size_gb']:.2f} GB | {r['tokens']:,} | {r['prep_s_1']:.0f} s | {r[f'prep_s_{n}']:.0f} s | "
             f"{r['tok_s_1']:,} | {r[f'tok_s_{n}']:,} | {r[f'tok_s_{n}'] / r['tok_s_1']:.2f}x | "
-            f"{'yes' if r['identical'] else 'NO'} | {r['rss_1'] / 1e9:.2f} GB | {r[f'rss_{n}'] / 1e9:.2f} GB | "
-            f"{r[f'rss_{n}'] / base_rss:.2f}x | {r['cache_bytes'] / 1e9:.2f} GB | {r['warm_first_step_s']:.1f} s |")
+            f"{num(r.get('feedable'), '.1f')} | {'yes' if r['identical'] else 'NO'} | {r['rss_1'] / 1e9:.2f} GB | {r[f'rss_{n}'] / 1e9:.2f} GB | "
+            f"{r[f'rss_{n}'] / base_rss:.2f}x | {r['cache_bytes'] / 1e9:.2f} GB | {r['warm_first_step_s']:.1f} s | "
+            f"{num(r.get('warm_blocks_s'), '.2f')} s |")
     table = "\n".join(lines)
     print()
     print(f"python scripts/bench_data.py --out {opts.out} " + ("--quick" if opts.quick else "--sizes " + " ".join(
