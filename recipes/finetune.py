@@ -83,8 +83,13 @@ def finetune(cfg: DictConfig) -> dict:
         cpu_heap.set_cpu_allocator(planned, say)  # keep freed tensors for reuse unless memory is tight
     tokenizer = setup.load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
     padding_side = setup.padding_side(objective, regime.name, base_config)
-    with session.accelerator.main_process_first():
+    if objective_facts(objective).data == "text":
+        # Every process at once, no barrier: one prepares the corpus under the cache's lock, the others poll it,
+        # so no collective is pending (NCCL's timeout cannot fire) however long the tokenization takes.
         data = setup.task_data(cfg, objective, tokenizer, base_config, say, padding_side)
+    else:
+        with session.accelerator.main_process_first():
+            data = setup.task_data(cfg, objective, tokenizer, base_config, say, padding_side)
     model, new_head = setup.load_task_model(cfg, base, objective, regime.name, tokenizer, data.labels, base_config,
                                             session.plan.precision, session.plan.device)
     l2sp = forgetting.L2SP(model, cfg.forgetting.l2sp, new_head) if cfg.forgetting.l2sp else None
