@@ -22,7 +22,9 @@ Ratios are against peers in this same run: the speed-up of N processes over 1, a
 the smallest size's. "workers fed" is the workers' CPU seconds per CPU second of the main process (which reads,
 packs and writes): how many busy tokenizing processes one main process keeps up with, i.e. the num_proc up to
 which the speed-up can stay near-linear on a machine with that many free cores. On a shared machine the
-measured speed-up is bounded by the cores others leave free; this ratio is not. Prints a markdown table (and writes it to <out>/bench_data.md, raw numbers to .json).
+measured speed-up is bounded by the cores others leave free; this ratio is not, nor are the tokens per CPU
+second (all processes' CPU time), which stay flat from 1 to N processes when the parallel work costs nothing
+extra. Prints a markdown table (and writes it to <out>/bench_data.md, raw numbers to .json).
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ def main() -> None:
             row[f"prep_s_{procs}"] = round(m["wall_s"], 1)
             row[f"tok_s_{procs}"] = round(meta["tokens"] / meta["seconds"])
             row[f"rss_{procs}"] = m["peak_rss"]
+            row[f"cpu_s_{procs}"] = round(meta["main_cpu_s"] + meta["workers_cpu_s"], 1)
             if procs > 1:  # CPU seconds of the tokenizing workers per CPU second of the main process feeding them
                 row["feedable"] = round(meta["workers_cpu_s"] / max(meta["main_cpu_s"], 1e-9), 1)
             row.update(tokens=meta["tokens"], documents=meta["documents"], cache_bytes=meta["cache_bytes"])
@@ -187,28 +190,35 @@ def num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def per_cpu(r: Dict, procs: int) -> str:
+    cpu = r.get(f"cpu_s_{procs}")
+    return "-" if not cpu else f"{r['tokens'] / cpu:,.0f}"
+
+
 def report(out: Path, rows: List[Dict], sizes: List[float], opts: argparse.Namespace) -> None:
     for r in rows:  # fill in what an earlier version of this script did not record, from what its runs left
         size = f"{r['size_gb']:g}"
         summary = out / f"run-{size}GB" / "summary.json"
         if r.get("warm_blocks_s") is None and summary.is_file():
             r["warm_blocks_s"] = json.loads(summary.read_text()).get("blocks_s")
-        if r.get("feedable") is None:
-            for meta in out.glob(f"cache-*-{opts.procs}proc/tokens/*/meta.json"):
+        for procs in (1, opts.procs):
+            for meta in out.glob(f"cache-{size}GB-{procs}proc/tokens/*/meta.json"):
                 m = json.loads(meta.read_text())
-                if m.get("tokens") == r["tokens"] and m.get("main_cpu_s"):
-                    r["feedable"] = round(m["workers_cpu_s"] / m["main_cpu_s"], 1)
+                if m.get("main_cpu_s") is not None:
+                    r.setdefault(f"cpu_s_{procs}", round(m["main_cpu_s"] + m["workers_cpu_s"], 1))
+                    if procs > 1 and r.get("feedable") is None:
+                        r["feedable"] = round(m["workers_cpu_s"] / max(m["main_cpu_s"], 1e-9), 1)
     base_rss = rows[0][f"rss_{opts.procs}"]
     n = opts.procs
     lines = [f"| corpus | tokens | prepare 1 proc | prepare {n} procs | tokens/s 1 proc | tokens/s {n} procs | "
-             f"speed-up | workers fed | same tokens | peak RSS 1 proc | peak RSS {n} procs | RSS / smallest | cache | "
+             f"speed-up | tokens per CPU-s 1 proc | tokens per CPU-s {n} procs | workers fed | same tokens | peak RSS 1 proc | peak RSS {n} procs | RSS / smallest | cache | "
              "warm start to first step | of which finding the blocks |",
-             "|" + "---|" * 15]
+             "|" + "---|" * 17]
     for r in rows:
         lines.append(
             f"| {r['size_gb']:.2f} GB | {r['tokens']:,} | {r['prep_s_1']:.0f} s | {r[f'prep_s_{n}']:.0f} s | "
             f"{r['tok_s_1']:,} | {r[f'tok_s_{n}']:,} | {r[f'tok_s_{n}'] / r['tok_s_1']:.2f}x | "
-            f"{num(r.get('feedable'), '.1f')} | {'yes' if r['identical'] else 'NO'} | {r['rss_1'] / 1e9:.2f} GB | {r[f'rss_{n}'] / 1e9:.2f} GB | "
+            f"{per_cpu(r, 1)} | {per_cpu(r, n)} | {num(r.get('feedable'), '.0f')} | {'yes' if r['identical'] else 'NO'} | {r['rss_1'] / 1e9:.2f} GB | {r[f'rss_{n}'] / 1e9:.2f} GB | "
             f"{r[f'rss_{n}'] / base_rss:.2f}x | {r['cache_bytes'] / 1e9:.2f} GB | {r['warm_first_step_s']:.1f} s | "
             f"{num(r.get('warm_blocks_s'), '.2f')} s |")
     table = "\n".join(lines)
