@@ -268,3 +268,18 @@ def test_a_batch_log_gets_progress_lines_with_an_eta(tokenizer, tmp_path, monkey
                     say=print)
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("prepare: ")]
     assert len(lines) >= 5 and all("tokens/s, ETA" in x for x in lines) and lines[-1].startswith("prepare: 100%")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_dataset_loaded_by_name_streams_through_the_same_preparation(streaming, tokenizer, tmp_path, monkeypatch):
+    """The hub path (load_dataset by name; data.streaming=true gives an IterableDataset), exercised offline on a
+    local dataset folder passed as a name: the same blocks as the same documents read as local files."""
+    folder = write_shards(tmp_path / "dataset" / "data", DOCS)
+    as_files = run_prepare(folder, tokenizer, tmp_path / "c1")
+    monkeypatch.setattr(stream.sources, "is_local", lambda path: False)
+    monkeypatch.setattr(stream, "is_glob", lambda path: False)
+    by_name = run_prepare(tmp_path / "dataset", tokenizer, tmp_path / "c2", streaming=streaming)
+    assert np.array_equal(by_name.packed.train, as_files.packed.train)
+    assert np.array_equal(by_name.packed.validation, as_files.packed.validation)
+    again = run_prepare(tmp_path / "dataset", tokenizer, tmp_path / "c2", streaming=streaming)
+    assert again.packed.cache_hit and again.folder == by_name.folder

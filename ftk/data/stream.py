@@ -201,6 +201,9 @@ class Corpus:
     def fingerprint(self, cache_root: Path) -> str:
         """The content fingerprint, looked up by the stat fingerprint in <cache>/fingerprints/ when this corpus was
         seen before (a restart reads no text), computed (and recorded) when a name, size or mtime changed."""
+        if self._fingerprint is None and any(part.hub for part in self.parts):
+            # no file stats stand for a hub dataset's content: ask datasets each time (its own cached fingerprint)
+            self._fingerprint = self.content_fingerprint()
         if self._fingerprint is None:
             index = Path(cache_root) / "fingerprints" / self.stat_fingerprint()
             try:
