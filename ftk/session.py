@@ -23,7 +23,7 @@ class Session:
     say: Callable[[str], None]  # prints on the main process only
 
 
-def start(cfg: Any, run_dir: Path) -> Session:
+def start(cfg: Any, run_dir: Path, announce: bool = True) -> Session:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -68,6 +68,8 @@ def start(cfg: Any, run_dir: Path) -> Session:
         if accelerator.is_main_process:
             console.print(text)
 
+    if announce:  # (a recipe that prints before the session starts said it first)
+        say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
     if note:
         say(note)
     if Device(cfg.hardware.device) is Device.auto and plan.device == "cpu":
@@ -97,8 +99,9 @@ def _torch_version() -> str:
 
 def process_group_kwargs(hw: Any) -> Any:
     """The process group's collective timeout (hardware.timeout_minutes). NCCL's default of 10 minutes kills a
-    multi-GPU job while rank 0 tokenizes a large corpus (the others wait in main_process_first's barrier) or
-    writes a large checkpoint (the others wait in wait_for_everyone). Applies when the group is created: the
+    multi-GPU job while rank 0 writes a large checkpoint (the others wait in wait_for_everyone), or prepares a
+    fine-tuning task's data (the others wait in main_process_first's barrier; `ftk pretrain` prepares its corpus
+    before the group exists, ftk/data/prepare.py). Applies when the group is created: the
     first job of a sweep sets it for the whole sweep."""
     from datetime import timedelta
 

@@ -82,7 +82,7 @@ def finetune(cfg: DictConfig) -> dict:
     tokenizer = setup.load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
     padding_side = setup.padding_side(objective, regime.name, base_config)
     data = setup.task_data(cfg, objective, tokenizer, base_config, early_say, padding_side)
-    session = sessions.start(cfg, run_dir)
+    session = sessions.start(cfg, run_dir, announce=False)
     say = session.say
     from ftk import planner
     from ftk import cpu_heap

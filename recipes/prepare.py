@@ -43,11 +43,7 @@ def prepare(cfg: DictConfig):
 
 
 def _print_summary(prepared, seq_len: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     st = prepared.stats
-    table = Table(title=None, show_header=False, box=None)
     rows = [
         ("documents", f"{st.documents:,} ({st.train_documents:,} training, {st.validation_documents:,} validation, "
                       f"{st.validation})"),
@@ -62,6 +58,6 @@ def _print_summary(prepared, seq_len: int) -> None:
                                                               if st.empty_shards else "")),
         ("cache", str(prepared.folder)),
     ]
-    for key, value in rows:
-        table.add_row(key, value)
-    Console(highlight=False, soft_wrap=True).print(table)
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:  # plain lines: whole paths, greppable in a batch log
+        print(f"{key:<{width}}  {value}")

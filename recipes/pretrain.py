@@ -48,10 +48,14 @@ def pretrain(cfg: DictConfig) -> dict:
     # others poll its lock file, so no collective (and no NCCL timeout) waits on a long preparation.
     early_say = lm_setup.first_rank_say()
     early_say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
+    data_started = time.time()
     corpus = lm_setup.load_text(cfg, early_say)
     tokenizer, tokenizer_fp = lm_setup.tokenizer_for(cfg, corpus, resume_from, early_say)
+    blocks_started = time.time()
     packed = lm_setup.pack(cfg, corpus, tokenizer, tokenizer_fp, early_say).packed
-    session = sessions.start(cfg, run_dir)
+    data_s = {"corpus_and_tokenizer_s": round(blocks_started - data_started, 2),
+              "blocks_s": round(time.time() - blocks_started, 2)}  # the token cache's lookup, or its preparation
+    session = sessions.start(cfg, run_dir, announce=False)
     say = session.say
     from ftk import planner
     from ftk import cpu_heap
@@ -82,7 +86,7 @@ def pretrain(cfg: DictConfig) -> dict:
         "objective": objective_name, "parameters": total, "trainable_parameters": trainable,
         "steps": result.state.step, "tokens_seen": result.state.tokens,
         "wall_time_s": round(time.time() - started, 2), "train_time_s": round(result.state.elapsed, 2),
-        "tokens_per_s": round(result.tokens_per_s, 1), "first_step_s": result.first_step_s,
+        "tokens_per_s": round(result.tokens_per_s, 1), "first_step_s": result.first_step_s, **data_s,
         "train_blocks": len(packed.train), "validation_blocks": len(packed.validation),
         "data": corpus.description, **{f"final_{k}": v for k, v in result.final_eval.items()},
         "peak_memory_bytes": peak.peak, "peak_memory_reserved_bytes": peak.reserved,

@@ -29,7 +29,7 @@ TINY_FT = ("hardware=cpu", "hardware.precision=fp32", "train.seq_len=32", "train
 @dataclass(frozen=True)
 class Case:
     name: str
-    command: str                # pretrain | finetune | evaluate | merge-adapter | estimate | generate
+    command: str                # pretrain | finetune | evaluate | merge-adapter | estimate | prepare | generate
     args: Tuple[str, ...]
     expect: str                 # text of the one error line
     prepare: Optional[Callable[[Path, World], None]] = None
@@ -108,6 +108,31 @@ def _accented_corpus(tmp: Path, w: World) -> None:
 
 def _empty(tmp: Path, w: World) -> None:
     (tmp / "empty.txt").write_text("")
+
+
+def _good_shard(tmp: Path, w: World) -> Path:
+    (tmp / "shards").mkdir()
+    docs = [p.read_text() for p in sorted(Path(w["corpus"]).glob("*.txt"))]
+    (tmp / "shards" / "shard-0.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return tmp / "shards"
+
+
+def _fake_gzip_shard(tmp: Path, w: World) -> None:
+    (_good_shard(tmp, w) / "shard-1.jsonl.gz").write_text('{"text": "plain text, not gzip"}\n')
+
+
+def _fake_zstd_shard(tmp: Path, w: World) -> None:
+    (_good_shard(tmp, w) / "shard-1.jsonl.zst").write_text('{"text": "plain text, not zstd"}\n')
+
+
+def _empty_shards(tmp: Path, w: World) -> None:
+    import gzip
+
+    (tmp / "empties").mkdir()
+    (tmp / "empties" / "a.jsonl").write_text("")
+    (tmp / "empties" / "b.jsonl").write_text("\n\n")
+    with gzip.open(tmp / "empties" / "c.jsonl.gz", "wt") as f:
+        f.write("")
 
 
 def _malformed_jsonl(tmp: Path, w: World) -> None:
@@ -355,6 +380,14 @@ CASES: List[Case] = [
                                                       "score_with={adapter}", "score_label=banana",
                                                       "sampling.max_new_tokens=2"),
          "score_label=banana is not a label of"),
+    # --- issue 20: sharded and compressed corpora ----------------------------------------------------------
+    Case("shard not the compression it claims", "pretrain", (*TINY, "data.path={tmp}/shards"),
+         "shard-1.jsonl.gz is not gzip data", _fake_gzip_shard),
+    Case("shard not zstd (prepare)", "prepare", (*TINY, "data.path={tmp}/shards"), "shard-1.jsonl.zst is not zstd data",
+         _fake_zstd_shard),
+    Case("glob matching nothing", "prepare", (*TINY, "data.path={tmp}/shards/*.parquet"), "no files match",
+         _fake_gzip_shard),
+    Case("only empty shards", "prepare", (*TINY, "data.path={tmp}/empties"), "the dataset is empty", _empty_shards),
 ]
 
 

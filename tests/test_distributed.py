@@ -5,6 +5,7 @@ resume exactly and whose final/ is a plain transformers checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -59,6 +60,22 @@ def test_two_gloo_processes_match_one_process(corpus_dir, tmp_path):
             assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
     assert summary["tokens_seen"] == json.loads((single / "summary.json").read_text())["tokens_seen"]
     assert done.stderr.count("ftk pretrain:") == 0 and done.stdout.count("ftk pretrain:") <= 1
+
+
+def test_two_processes_on_a_cold_cache_prepare_once_before_the_process_group(corpus_dir, tmp_path):
+    """Both ranks start on an empty cache: the data is prepared once (by rank 0, which takes the lock first) while
+    the other polls the lock; no collective runs meanwhile, and both then train on the same memory-mapped blocks."""
+    cache = tmp_path / "cache"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), "-m", "ftk.cli.main", "pretrain", *ARGS,
+                           "train.max_steps=2", f"data.path={corpus_dir}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "FTK_CACHE": str(cache)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    entries = [p for p in (cache / "tokens").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and not any(p.name.startswith(".tmp") for p in entries)
+    meta = json.loads((entries[0] / "meta.json").read_text())
+    assert meta["prepared_by"].endswith("rank 0")
+    assert done.stderr.count("prepared in") == 1  # said once, by rank 0
 
 
 FSDP = [*ARGS, "hardware.strategy=fsdp", "train.save_every=3", "train.keep_last=2"]

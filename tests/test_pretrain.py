@@ -67,10 +67,12 @@ def test_pretrain_learns_saves_and_reloads_in_plain_transformers(family, args, a
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    splits = lm.load_splits(cfg.data, cfg.train.seed)
+    from ftk.data import prepare, stream
     from ftk.data.tokenizer import tokenizer_fingerprint
 
-    packed = lm.packed_blocks(splits, tokenizer, 64, cfg.objective.name, None, tokenizer_fingerprint(tokenizer))
+    corpus = stream.resolve(cfg.data, cfg.train.seed)
+    packed = prepare.prepare(corpus, tokenizer, tokenizer_fingerprint(tokenizer), 64, cfg.objective.name,
+                             lm.cache_root(None)).packed
     assert packed.cache_hit  # the same tokenizer finds the blocks the run cached
     loss = validation_loss(model, packed.validation[:32], get_objective(cfg.objective, tokenizer))
     assert loss == pytest.approx(summary["final_eval_loss"], rel=1e-5)

@@ -70,6 +70,9 @@ class Stats:
     num_proc: int = 1
     empty_shards: List[str] = field(default_factory=list)
     validation: str = "held out"   # held out | given | tail of the token stream
+    prepared_by: str = ""          # host, pid and rank of the process that prepared it
+    main_cpu_s: float = 0.0        # CPU time of the main process (reading, packing, writing) ...
+    workers_cpu_s: float = 0.0     # ... and of the tokenizing processes: their ratio bounds the useful num_proc
 
     @property
     def tokens_per_s(self) -> float:
@@ -358,12 +361,19 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
     dtype = np.dtype(np.uint16 if len(tokenizer) < 2**16 else np.int32)
     writers = {"train": BlockWriter(tmp / "train.npy", seq_len, layout, dtype),
                "validation": BlockWriter(tmp / "validation.npy", seq_len, layout, dtype)}
+    import socket
+
     stats = Stats(num_proc=num_proc, input_bytes=corpus.total_bytes(),
-                  validation="given" if corpus.validation is not None else "held out")
+                  validation="given" if corpus.validation is not None else "held out",
+                  prepared_by=f"{socket.gethostname()} pid {os.getpid()} rank {os.environ.get('RANK', '0')}")
     backend = _backend_of(tokenizer)
     if backend is None:
         num_proc = stats.num_proc = 1  # a slow (Python) tokenizer is not sent to other processes
+    import resource
+
     started = time.perf_counter()
+    cpu_started = time.process_time()
+    children_started = resource.getrusage(resource.RUSAGE_CHILDREN)
     bar = Bar(stats.input_bytes, corpus, enabled=progress and say is not None)
 
     def take(result: Tuple[np.ndarray, int, np.ndarray, int], target: str) -> None:
@@ -381,6 +391,7 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
 
     seed, fraction = corpus.seed, corpus.validation_fraction
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    finished = False
     try:
         if num_proc == 1:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # num_proc=1 means one core
@@ -404,14 +415,19 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
                 while pending:
                     future, where = pending.popleft()
                     take(future.result(), where)
+        finished = True
     finally:
         _WORKER.clear()
-        bar.close()
+        bar.close(finished)
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
     stats.seconds = round(time.perf_counter() - started, 3)
+    stats.main_cpu_s = round(time.process_time() - cpu_started, 3)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool's workers, joined when the pool closed
+    stats.workers_cpu_s = round(children.ru_utime + children.ru_stime - children_started.ru_utime
+                                - children_started.ru_stime, 3)
     stats.documents = stats.train_documents + stats.validation_documents
     stats.empty_shards = list(corpus.counts.empty_shards)
     train, validation = writers["train"], writers["validation"]
@@ -462,19 +478,22 @@ class Bar:
     def done_bytes(self) -> int:
         return min(self.total, self.corpus.counts.done_bytes())
 
-    def update(self, tokens: int, elapsed: float) -> None:
+    def update(self, tokens: int, elapsed: float, final: bool = False) -> None:
         if not self.enabled:
             return
+        self.tokens, self.elapsed = tokens, elapsed
         speed = tokens / elapsed if elapsed > 0 else 0.0
-        done = self.done_bytes()
+        done = self.total if final else self.done_bytes()
         if self._progress is not None:
             self._progress.update(self._task, completed=done, speed=f"{speed:,.0f}")
-        elif time.perf_counter() - self.last_log >= self.LOG_EVERY_S:
+        elif final or time.perf_counter() - self.last_log >= self.LOG_EVERY_S:
             self.last_log = time.perf_counter()
             eta = elapsed * (self.total - done) / done if done else float("nan")
-            self.console.print(f"prepare: {done / self.total:.0%} of {self.total / 1e6:,.0f} MB, {tokens:,} tokens, "
+            self.console.print(f"prepare: {done / self.total:.0%} of {self.total / 1e6:,.1f} MB, {tokens:,} tokens, "
                                f"{speed:,.0f} tokens/s, ETA {eta:,.0f}s")
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        if finished and self.enabled:
+            self.update(getattr(self, "tokens", 0), getattr(self, "elapsed", 0.0), final=True)
         if self._progress is not None:
             self._progress.stop()

@@ -7,6 +7,7 @@ column, no text at all) becomes a UsageError naming the file, line or column and
 from __future__ import annotations
 
 import csv
+import glob as globbing
 import gzip
 import hashlib
 import json
@@ -26,12 +27,14 @@ FORMATS: Dict[str, tuple] = {
     ".tsv": ("csv", {"sep": "\t", "encoding_errors": "replace"}),
     ".parquet": ("parquet", {}),
 }
-COMPRESSED = (".gz",)  # read through by datasets (fsspec infers the compression from the name)
+# compression suffix -> fsspec's name for it: read through as datasets reads them (fsspec infers it from the name)
+COMPRESSIONS: Dict[str, str] = {".gz": "gzip", ".zst": "zstd"}
+COMPRESSED = tuple(COMPRESSIONS)
 
 
 def data_suffix(path: Any) -> str:
     """The format suffix of a data file: that of the name under a compression suffix (a.jsonl.gz: .jsonl), since
-    `datasets` reads gzip-compressed files as they are."""
+    `datasets` reads compressed files as they are."""
     p = Path(path)
     if p.suffix.lower() in COMPRESSED:
         p = Path(p.stem)
@@ -41,15 +44,24 @@ def data_suffix(path: Any) -> str:
 def is_local(path: str) -> bool:
     """A path that exists, or is written like one, is local; anything else is a hub dataset name."""
     return (Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.endswith("/")
-            or data_suffix(path) in FORMATS)
+            or data_suffix(path) in FORMATS or is_glob(path))
+
+
+def is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
 
 
 def list_files(path: str, exclude: Sequence[Path] = ()) -> List[Path]:
-    """The data files at `path` (a file, or a folder searched recursively), in a stable order."""
+    """The data files at `path`: a file, a folder searched recursively, or a glob (`shards/*.jsonl.gz`,
+    `corpus/**/*.txt`), in a stable (sorted) order; compressed files count as their inner format."""
     root = Path(path).expanduser()
-    if not root.exists():
-        raise UsageError(f"data path {path} does not exist; pass data.path=<file, folder or hub dataset name>")
-    if root.is_file():
+    if is_glob(path):
+        files = sorted(Path(p) for p in globbing.glob(str(root), recursive=True) if Path(p).is_file())
+        if not files:
+            raise UsageError(f"no files match data path {path}; check the pattern (quote it in the shell)")
+    elif not root.exists():
+        raise UsageError(f"data path {path} does not exist; pass data.path=<file, folder, glob or hub dataset name>")
+    elif root.is_file():
         files = [root]
     else:
         # A folder's README.md / SOURCE.md describe the data; they are not part of it.
@@ -61,10 +73,12 @@ def list_files(path: str, exclude: Sequence[Path] = ()) -> List[Path]:
     if not files:
         skipped = " (a folder's .md files describe the data and are skipped: pass a .md file itself)" if (
             root.is_dir() and any(root.rglob("*.md"))) else ""
-        raise UsageError(f"no data files in {path}: expected {', '.join(FORMATS)} files{skipped}")
+        raise UsageError(f"no data files in {path}: expected {', '.join(FORMATS)} files, "
+                         f"plain or .gz/.zst{skipped}")
     unknown = [f for f in files if data_suffix(f) not in FORMATS]
     if unknown:
-        raise UsageError(f"unsupported data file {unknown[0]}: expected one of {', '.join(FORMATS)}")
+        raise UsageError(f"unsupported data file {unknown[0]}: expected one of {', '.join(FORMATS)}, "
+                         "plain or .gz/.zst")
     builders = {FORMATS[data_suffix(f)][0] for f in files}
     if len(builders) > 1:
         raise UsageError(f"{path} mixes data formats ({', '.join(sorted(builders))}); put one format per folder")
