@@ -32,7 +32,10 @@ def token_logits(model: Any, inputs: Any):
     virtual tokens to the sequence, so its logits are longer than the input: those leading positions are
     the prompt's, not the text's, and carry no target."""
     ids = inputs["input_ids"]
-    logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask")).logits
+    # Packed rows (ftk.data.packing) carry position ids restarting per example and no attention mask; without a
+    # cache (which models create by default, even in training) transformers reads them as packed sequences.
+    extra = {"position_ids": inputs["position_ids"], "use_cache": False} if "position_ids" in inputs else {}
+    logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask"), **extra).logits
     return logits[:, -ids.shape[1]:] if logits.shape[1] != ids.shape[1] else logits
 
 
