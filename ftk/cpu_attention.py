@@ -8,9 +8,11 @@ backward. The price is precision: the scores are rounded to bf16 before the soft
 eager attention on a bf16 model), where the flash kernel keeps them in fp32 - about 1.7x its relative error
 (9e-3 against 5e-3 on the output, both at bf16's resolution).
 
-It serves only what it is fast and exact for: training-shaped calls (a full sequence, no attention mask,
-no attention dropout) on CPU bf16 tensors, up to ftk.hardware.MAX_ATTENTION_PROBS_BYTES of probabilities
-per layer. Anything else - padding masks, generation with a KV cache, fp32, CUDA, long sequences - goes to
+It serves only what it is fast and exact for: training-shaped calls (a full sequence, no attention mask or
+the block-diagonal causal mask of packed rows - ftk.data.packing -, no attention dropout) on CPU bf16 tensors, up to ftk.hardware.MAX_ATTENTION_PROBS_BYTES of probabilities
+per layer. Packed rows are computed example by example (`SegmentAttention`): each example's own causal attention,
+none of the cross-example scores a masked full-row attention would compute and discard. Anything else -
+padding masks, generation with a KV cache, fp32, CUDA, long sequences - goes to
 transformers' own SDPA function unchanged. Masks are built as for SDPA. The name is
 registered with transformers' AttentionInterface and set on the model object only: a saved config does
 not record it (transformers drops `_attn_implementation` on save), so checkpoints load with plain
@@ -19,7 +21,7 @@ transformers as SDPA models.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -63,11 +65,68 @@ class MatmulAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None
 
 
+class SegmentAttention(torch.autograd.Function):
+    """Causal attention inside each segment (row, start, end) of packed rows, nothing across them: the
+    block-diagonal causal mask without computing the blocks it masks. Rows' positions outside every segment
+    are not written (there are none: a row's padding is a segment of its own)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, segments):
+        out = torch.empty_like(q)
+        probs = []
+        for row, start, end in segments:
+            s = slice(start, end)
+            scores = torch.matmul(q[row, :, s], k[row, :, s].transpose(-1, -2)).mul_(scale)
+            scores.masked_fill_(_future(end - start, q.device), float("-inf"))
+            p = torch.softmax(scores, dim=-1)
+            torch.matmul(p, v[row, :, s], out=out[row, :, s])
+            probs.append(p)
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.scale, ctx.segments = scale, segments
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, *probs = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for (row, start, end), p in zip(ctx.segments, probs):
+            s = slice(start, end)
+            g = grad_out[row, :, s]
+            torch.matmul(p.transpose(-1, -2), g, out=grad_v[row, :, s])
+            grad_p = torch.matmul(g, v[row, :, s].transpose(-1, -2))
+            grad_scores = torch._softmax_backward_data(grad_p, p, -1, p.dtype).mul_(ctx.scale)
+            torch.matmul(grad_scores, k[row, :, s], out=grad_q[row, :, s])
+            torch.matmul(grad_scores.transpose(-1, -2), q[row, :, s], out=grad_k[row, :, s])
+        return grad_q, grad_k, grad_v, None, None
+
+
+def packed_segments(mask: torch.Tensor) -> Optional[List[Tuple[int, int, int]]]:
+    """(row, start, end) of each example when `mask` (batch, 1, q, k; True = attend) is exactly the
+    block-diagonal causal mask transformers builds for packed rows; None for any other mask (padding)."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2]:
+        return None
+    m = mask[:, 0]
+    n = m.shape[-1]
+    starts = torch.ones(m.shape[0], n, dtype=torch.bool, device=m.device)
+    starts[:, 1:] = ~m.diagonal(offset=-1, dim1=-2, dim2=-1)
+    seg = starts.cumsum(-1)
+    expected = (seg[:, :, None] == seg[:, None, :]) & ~_future(n, m.device)
+    if not torch.equal(m, expected):
+        return None
+    segments = []
+    for row in range(m.shape[0]):
+        bounds = torch.nonzero(starts[row]).flatten().tolist() + [n]
+        segments += [(row, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return segments
+
+
 def serves(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float,
            kwargs: Dict[str, Any]) -> bool:
-    """Whether this call is one the matmul path computes exactly as SDPA would (up to bf16 rounding)."""
+    """Whether this call is one the matmul path computes exactly as SDPA would (up to bf16 rounding), apart
+    from its mask: attention_forward serves no mask or a packed rows' one (`packed_segments`), nothing else."""
     return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and key.dtype == torch.bfloat16
-            and attention_mask is None and not dropout and query.shape[-2] == key.shape[-2]
+            and not dropout and query.shape[-2] == key.shape[-2]
             and query.shape[1] == key.shape[1]  # grouped-query attention goes to SDPA
             and probs_bytes(query.shape[0], query.shape[1], query.shape[2], query.element_size()) > 0
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
@@ -80,12 +139,16 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention-function signature: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not serves(query, key, attention_mask, dropout, kwargs):
+    segments = packed_segments(attention_mask) if attention_mask is not None else None
+    if not serves(query, key, attention_mask, dropout, kwargs) or (attention_mask is not None and segments is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal) and query.shape[-2] > 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if segments is not None:  # packed rows: each example's own causal attention
+        out = SegmentAttention.apply(query, key, value, float(scale), segments)
+        return out.transpose(1, 2).contiguous(), None
     out = MatmulAttention.apply(query, key, value, float(scale), causal)
     return out.transpose(1, 2).contiguous(), None
 

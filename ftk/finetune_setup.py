@@ -158,8 +158,11 @@ def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
         raise UsageError(f"{d.path}: no instruction record fits train.seq_len={cfg.train.seq_len}; raise it")
     say(f"data: {d.path}: {len(train):,} training / {len(validation):,} validation instruction examples"
         + dropped_note(stats))
-    return TaskData(ExampleSource(train, validation, tokenizer.pad_token_id), d.path, n_train=len(train),
-                    n_validation=len(validation))
+    from ftk.data.packing import packing_on
+
+    pack_to = cfg.train.seq_len if packing_on(d.get("packing"), "sft", cfg.regime.name) else None
+    return TaskData(ExampleSource(train, validation, tokenizer.pad_token_id, pack_to=pack_to), d.path,
+                    n_train=len(train), n_validation=len(validation))
 
 
 def load_tokenizer(base: str, trust_remote_code: bool) -> Any:

@@ -110,6 +110,10 @@ class DataConfig:
     instruction_column: str = "instruction"  # finetune objective=sft: the instruction ...
     input_column: str = "input"            # ... an optional input (context) ...
     response_column: str = "output"        # ... and the response (Alpaca's `output`; `response` also found)
+    # finetune: several examples per row of up to train.seq_len tokens, attention kept inside each example
+    # (ftk.data.packing); null = on where it applies (objective=sft, not prompt tuning), true where it cannot is
+    # an error
+    packing: Optional[bool] = None
     # preference objectives (dpo, simpo, orpo, reward): the prompt (absent: chosen and rejected are whole
     # dialogues sharing it, as in Anthropic HH), the preferred and the other response, and for reward models an
     # optional column of margins (how much better chosen is); text or chat message lists

@@ -414,6 +414,15 @@ def run(*, model: Any, tokenizer: Any, objective: Any, source: Source, train_cfg
     return result
 
 
+def real_tokens(inputs: Dict[str, torch.Tensor]) -> Any:
+    """Tokens that are not padding (ranks differ in padding): packed rows count theirs, padded batches by their
+    attention mask, LM blocks have none."""
+    if "real_tokens" in inputs:
+        return inputs["real_tokens"]
+    mask = inputs.get("attention_mask")
+    return mask.sum() if mask is not None else inputs["input_ids"].numel()
+
+
 def accumulate_gradients(model: Any, unwrapped: Any, objective: Any, micro_inputs: List[Dict[str, torch.Tensor]],
                          accelerator: Any, extra_loss: Optional[Callable[[Any, int], torch.Tensor]], step: int,
                          stop_flags: Callable[[], Tuple[bool, bool]] = lambda: (False, False),
@@ -449,8 +458,7 @@ def accumulate_gradients(model: Any, unwrapped: Any, objective: Any, micro_input
                 loss = loss + extra_loss(unwrapped, step)
             accelerator.backward(loss)
         totals[0] += loss_sum.detach().double()
-        mask = inputs.get("attention_mask")  # padded examples: count real tokens only (ranks differ in padding)
-        totals[1] += mask.sum() if mask is not None else inputs["input_ids"].numel()
+        totals[1] += real_tokens(inputs)
     # Each process has its own clock and may see a signal a step later than another, yet all must stop (and
     # save, a collective under FSDP and DDP) at the same step, or the next collective hangs: the flags ride
     # along, and any process's flag stops all.

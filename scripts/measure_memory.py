@@ -28,6 +28,9 @@ GPT_SMALL = dict(family="gpt2", hidden_size=512, num_layers=8, num_heads=8, voca
 LLAMA_TINY = dict(family="llama", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=688,
                   vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=False)
 BERT_TINY = dict(family="bert", hidden_size=256, num_layers=4, num_heads=4, vocab_size=8192, max_position_embeddings=512)
+# Llama 3's vocabulary on a small Llama body: the logits of 4 x 1,024 tokens (2 GiB in float32) outweigh the model.
+LLAMA_128K = dict(family="llama", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=688,
+                  vocab_size=128256, max_position_embeddings=1024, tie_word_embeddings=False)
 CASES: Dict[str, Dict[str, Any]] = {
     "gpt-tiny-fp32": dict(model=GPT_TINY, regime="full", precision="fp32", optimizer="adamw_fused", micro=8, seq=256),
     "gpt-small-fp32": dict(model=GPT_SMALL, regime="full", precision="fp32", optimizer="adamw_fused", micro=8, seq=256),
@@ -41,6 +44,11 @@ CASES: Dict[str, Dict[str, Any]] = {
     "llama-tiny-fp32": dict(model=LLAMA_TINY, regime="full", precision="fp32", optimizer="adamw_fused", micro=8, seq=256),
     "bert-tiny-mlm": dict(model=BERT_TINY, regime="full", precision="fp32", optimizer="adamw_fused", micro=8, seq=256,
                           objective="mlm"),
+    # the fused head and loss (ftk.objectives.linear_cross_entropy) against the model's full logits ("plain")
+    "llama-128k-bf16": dict(model=LLAMA_128K, regime="full", precision="bf16", optimizer="adamw_fused", micro=4,
+                            seq=1024),
+    "llama-128k-bf16-plain": dict(model=LLAMA_128K, regime="full", precision="bf16", optimizer="adamw_fused", micro=4,
+                                  seq=1024, head="plain"),
 }
 
 
@@ -55,7 +63,7 @@ def plan(case: Dict[str, Any]):
     setup = planner.Setup(regime=case["regime"], objective=case.get("objective", "clm"), precision=case["precision"],
                          optimizer=case["optimizer"], micro_batch_size=case["micro"], seq_len=case["seq"],
                          gradient_checkpointing=bool(case.get("checkpointing")), device="cpu",
-                         batch_size=case["micro"])
+                         batch_size=case["micro"], fused_head=case.get("head") != "plain")
     return planner.estimate(shape, setup)
 
 
@@ -98,6 +106,10 @@ def measure(case: Dict[str, Any], steps: int, release: bool) -> Dict[str, Any]:
             return m.vocab_size
 
     tok = Tok()
+    if case.get("head") == "plain":  # the loss from the model's full logits, as before the fused head
+        from ftk.objectives import linear_cross_entropy
+
+        linear_cross_entropy.output_head = lambda model: None
     objective = CausalLM() if objective_name == "clm" else MaskedLM(MlmSettings(), tok)
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=True, mixed_precision={"fp32": "no", "bf16": "bf16"}[case["precision"]])

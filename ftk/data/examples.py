@@ -55,10 +55,20 @@ class ExampleSource:
     """
 
     def __init__(self, train: List[Example], validation: List[Example], pad_id: int, padding_side: str = "right",
-                 group_by_length: bool = True):
+                 group_by_length: bool = True, pack_to: Optional[int] = None):
         self.train, self.validation, self.pad_id, self.padding_side = train, validation, pad_id, padding_side
         self.n_train = len(train)
         self.group_by_length = group_by_length
+        # Packing (ftk.data.packing): each batch's examples share rows of up to `pack_to` tokens; there is no
+        # padding to save by grouping lengths, so the stream is the uniform one.
+        self.pack_to = pack_to
+
+    def _collate(self, examples: Sequence[Example]) -> Dict[str, torch.Tensor]:
+        if self.pack_to:
+            from ftk.data.packing import collate_packed
+
+            return collate_packed(examples, self.pad_id, self.pack_to)
+        return collate(examples, self.pad_id, self.padding_side)
 
     def stream(self, seed: int, batch_size: int) -> Any:
         from ftk.data.sampler import BlockStream, LengthGroupedStream
@@ -67,23 +77,22 @@ class ExampleSource:
         # the whole epoch, every batch is drawn from a narrow length band each epoch, and small tasks trained
         # measurably worse (tests/test_finetune.py: 96 examples, LoRA 0.67 and BERT 0.77 accuracy against 0.70
         # and 0.80 with random batches). Such runs are short; their padding is not worth the risk.
-        if not self.group_by_length or batch_size <= 1 or self.n_train < LengthGroupedStream.MEGA * batch_size:
+        if self.pack_to or not self.group_by_length or batch_size <= 1 or self.n_train < LengthGroupedStream.MEGA * batch_size:
             return BlockStream(self.n_train, seed)
         return LengthGroupedStream([len(e.input_ids) for e in self.train], seed, batch_size)
 
     def train_batch(self, indices: np.ndarray) -> Dict[str, torch.Tensor]:
-        return collate([self.train[i] for i in indices], self.pad_id, self.padding_side)
+        return self._collate([self.train[i] for i in indices])
 
     def validation_batches(self, batch_size: int, limit: int) -> Iterable[Dict[str, torch.Tensor]]:
         # Sorted by length so that validation batches carry little padding; the order does not change sums.
         order = sorted(range(len(self.validation)), key=lambda i: len(self.validation[i].input_ids))
         n = len(order) if not limit else min(len(order), limit * batch_size)
         for start in range(0, n, batch_size):
-            yield collate([self.validation[i] for i in order[start:start + batch_size]], self.pad_id,
-                          self.padding_side)
+            yield self._collate([self.validation[i] for i in order[start:start + batch_size]])
 
     def tokens_in(self, batch: Dict[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
+        return int(batch["real_tokens"]) if "real_tokens" in batch else int(batch["attention_mask"].sum())
 
     def longest(self) -> int:
         return max(len(e.input_ids) for e in (*self.train, *self.validation))

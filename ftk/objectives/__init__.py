@@ -12,13 +12,30 @@ from typing import Any
 # importing torch): 256 x 8,192 float32 logits = 8 MiB, a working set near the caches.
 LOSS_CHUNK_ROWS = 256
 
+# The fused head and loss (ftk.objectives.linear_cross_entropy) projects this many bytes of float32 logits at a
+# time: 2,048 rows of an 8,192 vocabulary, 128 of a 128k one. Each chunk re-reads the head's weights, so rows
+# stay at least HEAD_MIN_ROWS (a matmul of fewer rows is bound by reading the weights, not by arithmetic).
+HEAD_CHUNK_BYTES = 64 * 2**20
+HEAD_MIN_ROWS = 128
+
+
+def head_chunk_rows(vocab: int) -> int:
+    """Token rows per chunk of the fused head and loss: a power of two, HEAD_CHUNK_BYTES of float32 logits."""
+    rows = HEAD_MIN_ROWS
+    while rows * 2 * vocab * 4 <= HEAD_CHUNK_BYTES:
+        rows *= 2
+    return rows
+
 
 def token_logits(model: Any, inputs: Any):
     """The model's logits, one row per input token. Under prompt tuning peft prepends the soft prompt's
     virtual tokens to the sequence, so its logits are longer than the input: those leading positions are
     the prompt's, not the text's, and carry no target."""
     ids = inputs["input_ids"]
-    logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask")).logits
+    # Packed rows (ftk.data.packing) carry position ids restarting per example and no attention mask; without a
+    # cache (which models create by default, even in training) transformers reads them as packed sequences.
+    extra = {"position_ids": inputs["position_ids"], "use_cache": False} if "position_ids" in inputs else {}
+    logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask"), **extra).logits
     return logits[:, -ids.shape[1]:] if logits.shape[1] != ids.shape[1] else logits
 
 

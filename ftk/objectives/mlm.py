@@ -10,9 +10,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ftk.objectives import token_logits
 from ftk.objectives.base import Objective
-from ftk.objectives.cross_entropy import summed_cross_entropy
+from ftk.objectives.linear_cross_entropy import summed_token_loss
 
 
 class MaskedLM(Objective):
@@ -51,8 +50,5 @@ class MaskedLM(Objective):
         return int((inputs["labels"] != -100).sum())
 
     def loss(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        labels = inputs["labels"]
-        logits = token_logits(model, inputs)
-        picked = labels != -100  # the LM head's output is only needed where there is a target
-        total = summed_cross_entropy(logits[picked], labels[picked])
-        return total, picked.sum()
+        # `labels` is not passed to the model; the head's output is only computed where there is a target.
+        return summed_token_loss(model, inputs, inputs["labels"])

@@ -10,9 +10,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ftk.objectives import token_logits
+import torch.nn.functional as F
+
 from ftk.objectives.base import Objective
-from ftk.objectives.cross_entropy import summed_cross_entropy
+from ftk.objectives.linear_cross_entropy import summed_token_loss
 
 
 class SupervisedFineTuning(Objective):
@@ -35,10 +36,6 @@ class SupervisedFineTuning(Objective):
         return targets
 
     def loss(self, model: Any, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        # `labels` is not passed to the model: it would compute a (mean) loss of its own.
-        logits = token_logits(model, inputs)
-        targets = self._targets(inputs)
-        keep = targets != -100
-        # Only the labelled positions are upcast: prompts are often most of the tokens.
-        total = summed_cross_entropy(logits[:, :-1][keep], targets[keep])
-        return total, keep.sum()
+        # `labels` is not passed to the model: it would compute a (mean) loss of its own. Only the labelled
+        # positions reach the head: prompts are often most of the tokens.
+        return summed_token_loss(model, inputs, F.pad(self._targets(inputs), (0, 1), value=-100))

@@ -101,6 +101,8 @@ class ObjectiveFacts:
     pretraining: bool         # `ftk pretrain` accepts it (else it is a fine-tuning objective)
     peft_task_type: Optional[str] = None  # peft's task_type for adapters trained with it
     reference: bool = False   # needs a reference policy (the model before training) beside the one that trains
+    packs: bool = False       # its examples can share rows with attention kept inside each (ftk.data.packing):
+                              # data.packing=null turns packing on for it
 
 
 ROWS: Tuple[ObjectiveFacts, ...] = (
@@ -114,7 +116,8 @@ ROWS: Tuple[ObjectiveFacts, ...] = (
                    models="any", language_model=False, pretraining=False, peft_task_type="SEQ_CLS"),
     ObjectiveFacts("sft", SftSettings, "ftk.objectives.sft:SupervisedFineTuning",
                    "instruction tuning, loss on response tokens only", data="instructions", head="causal_lm",
-                   models="decoder", language_model=True, pretraining=False, peft_task_type="CAUSAL_LM"),
+                   models="decoder", language_model=True, pretraining=False, peft_task_type="CAUSAL_LM",
+                   packs=True),
     ObjectiveFacts("dpo", DpoSettings, "ftk.objectives.preference:DirectPreference",
                    "preference tuning against a reference (DPO, IPO, cDPO)", data="preferences", head="causal_lm",
                    models="decoder", language_model=False, pretraining=False, peft_task_type="CAUSAL_LM",

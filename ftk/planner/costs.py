@@ -43,9 +43,11 @@ Per device, in bytes (GB below means 10^9 bytes, the unit of GPU data sheets and
   precision. Layers below the lowest trainable parameter keep nothing (freeze_layers,
   feature_extraction). Gradient checkpointing keeps each layer's input (1 h) and recomputes one block at
   a time in the backward pass.
-* logits and loss: a causal LM's loss in ftk holds the logits, their float32 flattened copy and
-  log_softmax's output, then in the backward pass three float32 tensors of that size: 3 x tokens x
-  vocab x 4 bytes (measured; a masked LM's loss keeps only the masked 15% in float32).
+* logits and loss: ftk computes the output head and the loss together, a chunk of tokens at a time
+  (ftk.objectives.linear_cross_entropy): the selected hidden states and their gradient, and one chunk of
+  logits (64 MiB of float32); the full (tokens x vocab) logits never exist. Where that path does not apply
+  (Setup.fused_head False) the loss holds the logits and float32 copies of them: 2-3 x tokens x vocab x 4
+  bytes (a masked LM's loss keeps only the masked 15% in float32).
 * overhead: CUDA context and kernels (~0.75 GB), or on a CPU the process itself (Python, torch,
   transformers: ~0.5 GB of resident memory before any tensor).
 
@@ -327,15 +329,28 @@ def _components(s: Shape, u: Setup) -> Estimate:
     details["working"] = ("one block recomputed + " if recompute else "") + "gradients of its intermediates"
 
     # -- logits and loss
-    # On a CPU the loss is ftk.objectives.cross_entropy's: the logits and their gradient plus a chunk of rows in
-    # float32; on CUDA F.cross_entropy's float32 copy, log-softmax and gradient. The 2 x float32 is measured
-    # (scripts/measure_memory.py): with bf16 logits the peak still rises by as much, as the 16-bit copies of the
-    # head's gradient and its float32 accumulation overlap the loss's buffers.
-    from ftk.objectives import LOSS_CHUNK_ROWS
+    # ftk's language-model objectives compute the head and the loss together (ftk.objectives.linear_cross_entropy):
+    # the tokens with a target (their hidden states as selected, in the matmul dtype, and their gradient) and one
+    # chunk of rows of logits at a time (the logits, their float32 log-softmax and its cast gradient). The head's
+    # weight gradient, computed in that forward pass, is counted with the activations (head_grad).
+    # Without it (u.fused_head False) the loss holds the logits: on a CPU ftk.objectives.cross_entropy's the logits
+    # and their gradient plus a float32 chunk of rows; on CUDA F.cross_entropy's float32 copy, log-softmax and
+    # gradient. The 2 x float32 is measured (scripts/measure_memory.py): with bf16 logits the peak still rises by as
+    # much, as the 16-bit copies of the head's gradient and its float32 accumulation overlap the loss's buffers.
+    from ftk.objectives import LOSS_CHUNK_ROWS, head_chunk_rows
 
     cpu_loss = u.device == "cpu"
     chunk = 2 * LOSS_CHUNK_ROWS * head.logits * 4
-    if head.logits and objective_facts(u.objective).head == "causal_lm":
+    causal = objective_facts(u.objective).head == "causal_lm"
+    picked = n if causal else int(u.mlm_probability * n)  # a masked LM's loss sees only the masked tokens
+    # preference objectives read per-token log-probabilities from the logits; FSDP shards the head's weight
+    fused = u.fused_head and not u.pairs and not (u.strategy == "fsdp" and u.devices > 1)
+    if head.logits and fused:
+        rows = min(head_chunk_rows(head.logits), picked)
+        logits = picked * h * (resid + 2 * low) + rows * head.logits * (4 + 2 * low)
+        details["logits"] = (f"fused head and loss: {picked:,} tokens x {h} hidden x {resid + 2 * low} B + one chunk "
+                             f"of {rows} x {head.logits:,} logits x {4 + 2 * low} B")
+    elif head.logits and causal:
         if cpu_loss:
             logits = 2 * n * head.logits * 4 + chunk
             details["logits"] = f"2 x {n:,} tokens x {head.logits:,} logits x 4 B + a float32 chunk"
@@ -343,7 +358,6 @@ def _components(s: Shape, u: Setup) -> Estimate:
             logits = 3 * n * head.logits * 4
             details["logits"] = f"3 x {n:,} tokens x {head.logits:,} logits x 4 B"
     elif head.logits:  # a masked LM: only the picked tokens reach the loss
-        picked = int(u.mlm_probability * n)
         if cpu_loss:
             logits = n * head.logits * low + 2 * picked * head.logits * low + chunk
             details["logits"] = f"{n:,} tokens x {head.logits:,} logits, the masked {picked:,} x 2, x {low} B"

@@ -36,6 +36,10 @@ class Setup:
     pairs: bool = False              # preference objectives: each example is two sequences (chosen, rejected)
     reference: str = "none"          # the reference policy (ftk.preference_setup.reference_strategy): none |
                                      # adapter_off | frozen_copy (16-bit) | precomputed
+    # the model's logits are head(hidden), so the loss can go through ftk.objectives.linear_cross_entropy (the
+    # full logits never exist); False for an adapter on the head or soft-capped logits (ftk.planner.costs also
+    # leaves it for FSDP and preference objectives)
+    fused_head: bool = True
 
     @property
     def facts(self):
