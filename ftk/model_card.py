@@ -9,7 +9,6 @@ measured), how to load it in plain transformers/peft, and how to publish it with
 from __future__ import annotations
 
 import hashlib
-import json
 import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple

@@ -6,9 +6,7 @@ report.md (and icl.png) in the run directory, and a table on the terminal.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
