@@ -130,9 +130,16 @@ def _text_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
                     n_train=len(packed.train), n_validation=len(packed.validation))
 
 
-def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
+def hold_out(examples: List[Any], fraction: float, seed: int) -> Tuple[List[Any], List[Any]]:
+    """(training, validation) examples: a seeded random `fraction` (at least one) held out, order kept."""
     import numpy as np
 
+    order = np.random.default_rng(seed).permutation(len(examples))
+    held = set(order[:max(1, int(round(len(examples) * fraction)))].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
     from ftk.data.examples import ExampleSource
     from ftk.data.instructions import dropped_note, load_instruction_examples
 
@@ -149,11 +156,7 @@ def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
         validation, _ = load_instruction_examples(d.validation_path, tokenizer, cfg.train.seq_len,
                                                   split=d.validation_split or d.split, **columns)
     else:
-        order = np.random.default_rng(cfg.train.seed).permutation(len(train))
-        n_valid = max(1, int(round(len(train) * d.validation_fraction)))
-        held = set(order[:n_valid].tolist())
-        validation = [e for i, e in enumerate(train) if i in held]
-        train = [e for i, e in enumerate(train) if i not in held]
+        train, validation = hold_out(train, d.validation_fraction, cfg.train.seed)
     if not train:
         raise UsageError(f"{d.path}: no instruction record fits train.seq_len={cfg.train.seq_len}; raise it")
     say(f"data: {d.path}: {len(train):,} training / {len(validation):,} validation instruction examples"

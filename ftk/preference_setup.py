@@ -47,11 +47,9 @@ def preference_data(cfg: Any, objective: Any, tokenizer: Any, config: Any, say: 
         validation, _ = load_pairs(d.validation_path, tokenizer, cfg.train.seq_len,
                                    split=d.validation_split or d.split, **columns)
     else:
-        order = np.random.default_rng(cfg.train.seed).permutation(len(train))
-        n_valid = max(1, int(round(len(train) * d.validation_fraction)))
-        held = set(order[:n_valid].tolist())
-        validation = [p for i, p in enumerate(train) if i in held]
-        train = [p for i, p in enumerate(train) if i not in held]
+        from ftk.finetune_setup import hold_out
+
+        train, validation = hold_out(train, d.validation_fraction, cfg.train.seed)
     if not train:
         raise UsageError(f"{d.path}: {stats['pairs']} pair(s) leave none for training once "
                          f"{len(validation)} are held out for validation; give more pairs or data.validation_path")
