@@ -85,10 +85,12 @@ class Mode:
 
 VARIANTS = [Variant("lora", "lora", 2e-3, 0.1), Variant("full", "full", 1e-4, 0.1),
             Variant("lora, beta 0.5", "lora", 2e-3, 0.5), Variant("full, low lr", "full", 1e-5, 0.1)]
-FULL = Mode("full run", pretrain_steps=900, pretrain_extra=[], classifier_steps=300, train_prompts=256,
+FULL = Mode("full run", pretrain_steps=900, pretrain_extra=[], classifier_steps=1000, train_prompts=256,
             eval_prompts=200, samples=4, eval_samples=2, new_tokens=24, rounds=3, epochs=2, variants=VARIANTS,
             ppl_tokens=30000, hh_seeds=2, hh_sft_steps=300, hh_steps=150, hh_seq_len=256)
-QUICK = Mode("--quick", pretrain_steps=400, pretrain_extra=SMALL + ["train.lr=3e-3"], classifier_steps=120,
+# 120 classifier steps left both classifiers at chance (52.7% SST-2 test): a reward model that cannot tell
+# sentiment steers nothing; 500 steps (about 2 passes over a half) are the least that gives them a signal.
+QUICK = Mode("--quick", pretrain_steps=400, pretrain_extra=SMALL + ["train.lr=3e-3"], classifier_steps=500,
              train_prompts=96, eval_prompts=100, samples=4, eval_samples=2, new_tokens=16, rounds=2, epochs=2,
              variants=VARIANTS[:2], ppl_tokens=8000, hh_seeds=1, hh_sft_steps=60, hh_steps=40, hh_seq_len=192,
              hh_train_cap=600)
@@ -216,6 +218,7 @@ def judged(runner: Runner, name: str, run: Path, policy: Path, start: Path, path
                     f"score_with=[{models['reward']},{models['judge']}]", f"kl_reference={start}")
     settings = json.loads((run / "settings.json").read_text())
     return {"positive": sum(r["scores"][1] > 0.5 for r in rows) / len(rows),
+            "judge": sum(r["scores"][1] for r in rows) / len(rows),
             "reward": sum(r["scores"][0] for r in rows) / len(rows), "kl": settings["kl_estimate"],
             "sample": rows[0]["prompt"] + rows[0]["completion"], "rows": rows}
 
@@ -227,6 +230,7 @@ def best_of_n(rows: List[dict], n: int) -> dict:
         by_prompt.setdefault(r["prompt_index"], []).append(r)
     best = [max(group[:n], key=lambda r: r["scores"][0]) for group in by_prompt.values()]
     return {"positive": sum(r["scores"][1] > 0.5 for r in best) / len(best),
+            "judge": sum(r["scores"][1] for r in best) / len(best),
             "reward": sum(r["scores"][0] for r in best) / len(best)}
 
 
@@ -261,6 +265,7 @@ def steering(runner: Runner, out: Path, paths: Dict[str, Path], start: Path, mod
                         "ppl": perplexity(runner, "ppl-start", runs / "ppl-start", start, paths, mode)},
               "best_of_n": best_of_n(base["rows"], mode.samples), "variants": {}}
     result["start"]["positive"] = sum(r["scores"][1] > 0.5 for r in base["rows"]) / len(base["rows"])
+    result["start"]["judge"] = sum(r["scores"][1] for r in base["rows"]) / len(base["rows"])
     for variant in mode.variants:
         slug = variant.name.replace(", ", "-").replace(" ", "")
         policy, rounds = start, []
@@ -340,17 +345,18 @@ def report(out: Path, mode: Mode, models: Dict[str, dict], steer: dict, hh: List
         lines.append(f"| {name} | {info['data']} | {pct(info['accuracy'])} |")
     s = steer["start"]
     lines += ["", "## Steering toward positive sentiment (held-out prompts)", "",
-              "| policy | round | pairs | judged positive | mean reward P(positive) | KL from start (nats/seq) "
-              "| held-out book perplexity | sample |", "|---|---|---|---|---|---|---|---|",
-              f"| starting policy | 0 | - | {pct(s['positive'])} | {s['reward']:.3f} | 0 | {s['ppl']:.1f} | "
-              f"{_cell(s['sample'])} |",
+              "| policy | round | pairs | judged positive | judge's mean P(positive) | mean reward P(positive) "
+              "| KL from start (nats/seq) | held-out book perplexity | sample |", "|---|---|---|---|---|---|---|---|---|",
+              f"| starting policy | 0 | - | {pct(s['positive'])} | {s['judge']:.3f} | {s['reward']:.3f} | 0 | "
+              f"{s['ppl']:.1f} | {_cell(s['sample'])} |",
               f"| best-of-{mode.samples} with the reward model (no training) | - | - | "
-              f"{pct(steer['best_of_n']['positive'])} | {steer['best_of_n']['reward']:.3f} | - | {s['ppl']:.1f} | - |"]
+              f"{pct(steer['best_of_n']['positive'])} | {steer['best_of_n']['judge']:.3f} | "
+              f"{steer['best_of_n']['reward']:.3f} | - | {s['ppl']:.1f} | - |"]
     for name, v in steer["variants"].items():
         cfg = v["variant"]
         for r in v["rounds"]:
             lines.append(f"| DPO {name} (lr {cfg['lr']:g}, beta {cfg['beta']:g}) | {r['round']} | {r['pairs']} | "
-                         f"{pct(r['positive'])} | {r['reward']:.3f} | {r['kl']:.2f} | {r['ppl']:.1f} | "
+                         f"{pct(r['positive'])} | {r['judge']:.3f} | {r['reward']:.3f} | {r['kl']:.2f} | {r['ppl']:.1f} | "
                          f"{_cell(r['sample'])} |")
     best = max((r["positive"] for v in steer["variants"].values() for r in v["rounds"]), default=s["positive"])
     lines += ["", f"Judged-positive share: start {pct(s['positive'])}, best tuned policy {pct(best)} "
