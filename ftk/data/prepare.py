@@ -115,9 +115,22 @@ def _backend_of(tokenizer: Any) -> Any:
 def _init_worker(backend_json: str, dtype: str, separator: int) -> None:
     from tokenizers import Tokenizer
 
+    _die_with_parent()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process, one core: the pool is the parallelism
     _WORKER.update(backend=Tokenizer.from_str(backend_json), dtype=np.dtype(dtype), separator=separator,
                    tokenizer=None)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the process that started it dies (a killed preparation must not leave
+    workers behind holding its output pipes open); elsewhere the pool's own shutdown is all there is."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def _encode(texts: List[str], split: bool, seed: int, fraction: float) -> Tuple[np.ndarray, int, np.ndarray, int]:
