@@ -115,9 +115,22 @@ def _backend_of(tokenizer: Any) -> Any:
 def _init_worker(backend_json: str, dtype: str, separator: int) -> None:
     from tokenizers import Tokenizer
 
+    _die_with_parent()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process, one core: the pool is the parallelism
     _WORKER.update(backend=Tokenizer.from_str(backend_json), dtype=np.dtype(dtype), separator=separator,
                    tokenizer=None)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the process that started it dies (a killed preparation must not leave
+    workers behind holding its output pipes open); elsewhere the pool's own shutdown is all there is."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def _encode(texts: List[str], split: bool, seed: int, fraction: float) -> Tuple[np.ndarray, int, np.ndarray, int]:
@@ -230,7 +243,9 @@ def cache_key(corpus: stream.Corpus, cache_root: Path, tokenizer_fp: str, seq_le
                                      sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _load_entry(folder: Path, seq_len: int, say: Optional[Say]) -> Optional[Tuple[PackedData, Stats]]:
+def _load_entry(folder: Path, seq_len: int, say: Optional[Say], repair: bool) -> Optional[Tuple[PackedData, Stats]]:
+    """The finished entry, or None; a damaged one is said and removed when `repair` (only under the lock, so that
+    a process never removes the entry another one is writing)."""
     train_file, valid_file, meta = folder / "train.npy", folder / "validation.npy", folder / "meta.json"
     if not (train_file.exists() and valid_file.exists() and meta.exists()):
         return None
@@ -238,9 +253,10 @@ def _load_entry(folder: Path, seq_len: int, say: Optional[Say]) -> Optional[Tupl
         packed = PackedData(_cached_blocks(train_file, seq_len), _cached_blocks(valid_file, seq_len), True)
         stats = Stats(**json.loads(meta.read_text()))
     except (ValueError, TypeError) as exc:
-        if say is not None:
-            say(f"token cache: {folder} is damaged ({exc}); rebuilding it")
-        shutil.rmtree(folder, ignore_errors=True)
+        if repair:
+            if say is not None:
+                say(f"token cache: {folder} is damaged ({exc}); rebuilding it")
+            shutil.rmtree(folder, ignore_errors=True)
         return None
     return packed, stats
 
@@ -279,15 +295,15 @@ def prepare(corpus: stream.Corpus, tokenizer: Any, tokenizer_fp: str, seq_len: i
     layout = Layout.for_objective(objective, tokenizer)
     tokens_dir = cache_root / "tokens"
     folder = tokens_dir / cache_key(corpus, cache_root, tokenizer_fp, seq_len, layout)
-    hit = _load_entry(folder, seq_len, say)  # the restart path: no lock, no text read
+    hit = _load_entry(folder, seq_len, say, repair=False)  # the restart path: no lock, no text read
     if hit is not None:
         return Prepared(hit[0], hit[1], folder)
     with preparer_lock(tokens_dir / f"{folder.name}.lock", say, f"token cache {folder}"):
-        hit = _load_entry(folder, seq_len, say)  # another process may have prepared it while this one waited
+        hit = _load_entry(folder, seq_len, say, repair=True)  # another process may have prepared it meanwhile
         if hit is None:
             stats = _prepare_into(folder, corpus, tokenizer, seq_len, layout, num_proc or default_num_proc(),
                                   say, progress)
-            hit = _load_entry(folder, seq_len, say)
+            hit = _load_entry(folder, seq_len, say, repair=False)
             assert hit is not None, folder
             hit = (PackedData(hit[0].train, hit[0].validation, False), stats)
     return Prepared(hit[0], hit[1], folder)
@@ -295,8 +311,9 @@ def prepare(corpus: stream.Corpus, tokenizer: Any, tokenizer_fp: str, seq_len: i
 
 def _prepare_into(folder: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int, layout: Layout,
                   num_proc: int, say: Optional[Say], progress: bool) -> Stats:
+    for left in folder.parent.glob(f".tmp-{folder.name}-*"):  # a killed preparation's (this one holds the lock)
+        shutil.rmtree(left, ignore_errors=True)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         stats = _pack_stream(tmp, corpus, tokenizer, seq_len, layout, num_proc, say, progress)
