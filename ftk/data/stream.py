@@ -264,13 +264,7 @@ def _file_documents(f: Path, column: str) -> Iterator[str]:
 
         datasets.disable_progress_bars()
         ds = datasets.load_dataset(builder, data_files=[str(f)], split="train", streaming=True, **kwargs)
-        for batch in ds.iter(batch_size=READ_BATCH):
-            if column not in batch:
-                raise UsageError(f"{f} has no column '{column}'; its columns are {', '.join(batch)}: "
-                                 f"pass data.text_column=<one of them>")
-            for text in batch[column]:
-                if isinstance(text, str) and text.strip():
-                    yield text
+        yield from _column_texts(ds, column, str(f))
     except UsageError:
         raise
     except StopIteration:  # datasets finds no row to infer the columns from: a compressed empty shard
@@ -344,10 +338,14 @@ def _hub_fingerprint(part: Part) -> str:
 
 
 def _hub_documents(part: Part, column: str) -> Iterator[str]:
-    ds = _hub_dataset(part)
+    yield from _column_texts(_hub_dataset(part), column, part.hub)
+
+
+def _column_texts(ds: Any, column: str, name: str) -> Iterator[str]:
+    """The non-blank texts of one column of a (streamed) dataset, read in batches; a missing column is named."""
     for batch in ds.iter(batch_size=READ_BATCH):
         if column not in batch:
-            raise UsageError(f"{part.hub} has no column '{column}'; its columns are {', '.join(batch)}: "
+            raise UsageError(f"{name} has no column '{column}'; its columns are {', '.join(batch)}: "
                              f"pass data.text_column=<one of them>")
         for text in batch[column]:
             if isinstance(text, str) and text.strip():
