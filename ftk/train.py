@@ -11,7 +11,7 @@ accelerate owns devices, mixed precision and distribution (`Accelerator.prepare`
   the same, whatever the micro-batch split, the number of processes or the share of masked tokens.
 
 Its parts are named: `run` (the loop), `accumulate_gradients` (one step's forward and backward passes),
-`evaluate` (validation) and `MetricsLog`. At about 460
+`evaluate` (validation) and `MetricsLog`. At about 510
 lines it is over the usual 400: they share the loop's state and its exactness rules, which are easier to
 check read together than across modules.
 """

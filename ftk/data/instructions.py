@@ -210,10 +210,20 @@ def _response_column(columns: Sequence[str], wanted: str, name: str) -> str:
                      f"pass data.response_column=<one of them>")
 
 
-def _encode_all(tokenizer: Any, texts: List[str], batch: int = 1000) -> List[List[int]]:
+def encode_all(tokenizer: Any, texts: List[str], batch: int = 1000) -> List[List[int]]:
+    """Every text's ids (no special tokens), in batches; quiet about texts longer than the model's maximum,
+    which the callers cut to the sequence length themselves."""
+    from transformers.utils import logging
+
     out: List[List[int]] = []
-    for start in range(0, len(texts), batch):
-        out.extend(list(ids) for ids in tokenizer(texts[start:start + batch], add_special_tokens=False)["input_ids"])
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        for start in range(0, len(texts), batch):
+            out.extend(list(ids) for ids in
+                       tokenizer(texts[start:start + batch], add_special_tokens=False)["input_ids"])
+    finally:
+        logging.set_verbosity(verbosity)
     return out
 
 
@@ -306,7 +316,7 @@ def load_instruction_examples(path: str, tokenizer: Any, max_len: int, *, instru
 
     examples: List[Example] = []
     bos = [tokenizer.bos_token_id] if mode == PLAIN and adds_bos else []
-    for p_ids, r_ids in zip(_encode_all(tokenizer, prompts), _encode_all(tokenizer, responses)):
+    for p_ids, r_ids in zip(encode_all(tokenizer, prompts), encode_all(tokenizer, responses)):
         p_ids = bos + p_ids
         if mode == CHAT and eos in r_ids:  # the template ends the turn with EOS: stop there (drop e.g. "\n")
             r_ids = r_ids[:len(r_ids) - r_ids[::-1].index(eos)]

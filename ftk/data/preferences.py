@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ftk.data.instructions import CHAT, _parts, template_mode
+from ftk.data.instructions import CHAT, _parts, encode_all, template_mode
 from ftk.errors import UsageError
 
 ASSISTANT = "\n\nAssistant:"  # Anthropic HH's turn markers
@@ -155,21 +155,6 @@ def special_frame(tokenizer: Any) -> Tuple[List[int], List[int]]:
     return [], []
 
 
-def _encode_all(tokenizer: Any, texts: List[str], batch: int = 1000) -> List[List[int]]:
-    from transformers.utils import logging
-
-    out: List[List[int]] = []
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # "sequence longer than the model's maximum": fit() cuts every pair to seq_len
-    try:
-        for start in range(0, len(texts), batch):
-            out.extend(list(ids) for ids in
-                       tokenizer(texts[start:start + batch], add_special_tokens=False)["input_ids"])
-    finally:
-        logging.set_verbosity(verbosity)
-    return out
-
-
 def fit(prompt: List[int], chosen: List[int], rejected: List[int], seq_len: int
         ) -> Optional[Tuple[List[int], List[int], List[int], bool]]:
     """(prompt, chosen, rejected, whether cut) within seq_len; None when the prompt alone is longer."""
@@ -241,7 +226,7 @@ def load_pairs(path: str, tokenizer: Any, seq_len: int, *, prompt_column: str = 
             texts.append(got)
 
     pairs: List[Pair] = []
-    encoded = [_encode_all(tokenizer, [t[i] for t in texts]) for i in range(3)]
+    encoded = [encode_all(tokenizer, [t[i] for t in texts]) for i in range(3)]
     for (p_ids, c_ids, r_ids), margin in zip(zip(*encoded), margins):
         p_ids = lead + p_ids
         c_ids, r_ids = _close(c_ids, trail, eos, chat), _close(r_ids, trail, eos, chat)

@@ -24,6 +24,10 @@ leaves nothing that a later run could take for a cache.
 One preparer per cache location: processes that see the same cache folder take the same lock file (flock), the
 first prepares and the others poll until it is done (no collective runs meanwhile, so NCCL's timeout cannot
 fire). A node-local cache (FTK_CACHE on local disk) is prepared once per node; a shared one once per job.
+
+At about 450 lines this is over the usual 400: the cache's key, lock, temporary folder and rename are one
+protocol, and splitting it would put the rules that make a partial cache unusable in two places. What runs in
+the tokenizing processes is apart, in ftk/data/tokenize_worker.py.
 """
 
 from __future__ import annotations
@@ -39,11 +43,11 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from ftk.data import stream
+from ftk.data import stream, tokenize_worker
 from ftk.data.lm import Layout, PackedData, _cached_blocks
 from ftk.errors import UsageError
 
@@ -91,69 +95,6 @@ def default_num_proc() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-# --------------------------------------------------------------------------------------- tokenizing workers
-
-_WORKER: Dict[str, Any] = {}
-
-
-def _backend_of(tokenizer: Any) -> Any:
-    """A copy of the Rust tokenizer with truncation and padding off (a classification run may have switched
-    them on in the shared one), or None for a slow tokenizer."""
-    import copy
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    backend = copy.deepcopy(backend)
-    backend.no_truncation()
-    backend.no_padding()
-    return backend
-
-
-def _init_worker(backend_json: str, dtype: str, separator: int) -> None:
-    from tokenizers import Tokenizer
-
-    _die_with_parent()
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process, one core: the pool is the parallelism
-    _WORKER.update(backend=Tokenizer.from_str(backend_json), dtype=np.dtype(dtype), separator=separator,
-                   tokenizer=None)
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this worker when the process that started it dies (a killed preparation must not leave
-    workers behind holding its output pipes open); elsewhere the pool's own shutdown is all there is."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-
-
-def _encode(texts: List[str], split: bool, seed: int, fraction: float) -> Tuple[np.ndarray, int, np.ndarray, int]:
-    """(training ids, training documents, validation ids, validation documents) of one batch, each document's ids
-    followed by the separator, documents in order."""
-    w = _WORKER
-    if w["backend"] is not None:
-        ids = [e.ids for e in w["backend"].encode_batch(texts, add_special_tokens=False)]
-    else:
-        ids = w["tokenizer"](texts, add_special_tokens=False, verbose=False)["input_ids"]
-    train: List[int] = []
-    valid: List[int] = []
-    n_valid = 0
-    for text, doc in zip(texts, ids):
-        if split and stream.held_out(text, seed, fraction):
-            valid.extend(doc)
-            valid.append(w["separator"])
-            n_valid += 1
-        else:
-            train.extend(doc)
-            train.append(w["separator"])
-    return (np.asarray(train, dtype=w["dtype"]), len(texts) - n_valid, np.asarray(valid, dtype=w["dtype"]),
-            n_valid)
 
 
 # --------------------------------------------------------------------------------------- writing blocks
@@ -383,7 +324,7 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
     stats = Stats(num_proc=num_proc, input_bytes=corpus.total_bytes(),
                   validation="given" if corpus.validation is not None else "held out",
                   prepared_by=f"{socket.gethostname()} pid {os.getpid()} rank {os.environ.get('RANK', '0')}")
-    backend = _backend_of(tokenizer)
+    backend = tokenize_worker.backend_of(tokenizer)
     if backend is None:
         num_proc = stats.num_proc = 1  # a slow (Python) tokenizer is not sent to other processes
     import resource
@@ -412,20 +353,20 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
     try:
         if num_proc == 1:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # num_proc=1 means one core
-            _WORKER.update(backend=backend, dtype=dtype, separator=layout.separator, tokenizer=tokenizer)
+            tokenize_worker.WORKER.update(backend=backend, dtype=dtype, separator=layout.separator, tokenizer=tokenizer)
             for texts, split, target in batches(corpus):
-                take(_encode(texts, split, seed, fraction), target)
+                take(tokenize_worker.encode(texts, split, seed, fraction), target)
         else:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn, not fork: the parent holds torch's threads (and maybe CUDA), which a fork does not survive
             with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init_worker,
+                                     initializer=tokenize_worker.init_worker,
                                      initargs=(backend.to_str(), dtype.str, layout.separator)) as pool:
                 pending: deque = deque()
                 for texts, split, target in batches(corpus):
-                    pending.append((pool.submit(_encode, texts, split, seed, fraction), target))
+                    pending.append((pool.submit(tokenize_worker.encode, texts, split, seed, fraction), target))
                     while len(pending) >= 2 * num_proc:
                         future, where = pending.popleft()
                         take(future.result(), where)
@@ -434,7 +375,7 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
                     take(future.result(), where)
         finished = True
     finally:
-        _WORKER.clear()
+        tokenize_worker.WORKER.clear()
         bar.close(finished)
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
