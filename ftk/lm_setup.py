@@ -68,17 +68,21 @@ def tokenizer_sample(corpus: stream.Corpus, max_chars: int = TOKENIZER_SAMPLE_CH
     (the first ones, streamed): merges learnt from a few hundred MB are as good as from the whole corpus."""
     from ftk.data import prepare
 
-    chars = 0
+    chars, skipped = 0, []
     for texts, split, target in prepare.batches(corpus):
         if target != "train":
-            return
+            break
         for text in texts:
             if split and stream.held_out(text, corpus.seed, corpus.validation_fraction):
+                if not chars and len(skipped) < 1000:
+                    skipped.append(text)
                 continue
             yield text
             chars += len(text)
             if chars >= max_chars:
                 return
+    if not chars:  # every document held out (one text repeated): the preparation trains on them all, so may this
+        yield from skipped
 
 
 def tokenizer_for(cfg: Any, corpus: stream.Corpus, resume_from: Optional[Path], say: Say) -> Tuple[Any, str]:

@@ -282,3 +282,17 @@ def test_a_dataset_loaded_by_name_streams_through_the_same_preparation(streaming
     assert np.array_equal(by_name.packed.validation, as_files.packed.validation)
     again = run_prepare(tmp_path / "dataset", tokenizer, tmp_path / "c2", streaming=streaming)
     assert again.packed.cache_hit and again.folder == by_name.folder
+
+
+def test_a_corpus_whose_documents_all_land_in_validation_trains_on_them(tmp_path):
+    """Duplicates share a side of the hash split: a corpus of one text repeated is held out whole or not at
+    all; held out whole, it trains on every document and validates on the tail (before: 'fewer than 64 tokens')."""
+    from ftk.data import stream
+
+    text = "zebra " * 200
+    seed = next(s for s in range(1000) if stream.held_out(text, s, 0.05))  # a seed that holds this text out
+    corpus = tmp_path / "same.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(30)))
+    run = tmp_path / "run"
+    assert ftk("pretrain", *TINY_GPT, f"data.path={corpus}", f"train.seed={seed}", "train.max_steps=1",
+               f"hydra.run.dir={run}") == 0

@@ -389,6 +389,10 @@ def _pack_stream(tmp: Path, corpus: stream.Corpus, tokenizer: Any, seq_len: int,
     stats.documents = stats.train_documents + stats.validation_documents
     stats.empty_shards = list(corpus.counts.empty_shards)
     train, validation = writers["train"], writers["validation"]
+    if train.rows == 0 and validation.rows > 0 and corpus.validation is None:
+        # every document was held out (e.g. a corpus of one text repeated: duplicates share a side): train on
+        # them all and validate on the tail, as for a corpus too small to hold documents out
+        validation.move_tail(validation.rows, train)
     if validation.rows == 0 and corpus.validation is None:
         # no document held out (a small corpus): validate on the tail of the training stream instead, as before
         n_valid = max(1, train.rows // TAIL_FRACTION) if train.rows >= 2 else 0
