@@ -156,11 +156,14 @@ def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
         train = [e for i, e in enumerate(train) if i not in held]
     if not train:
         raise UsageError(f"{d.path}: no instruction record fits train.seq_len={cfg.train.seq_len}; raise it")
-    say(f"data: {d.path}: {len(train):,} training / {len(validation):,} validation instruction examples"
-        + dropped_note(stats))
     from ftk.data.packing import packing_on
 
     pack_to = cfg.train.seq_len if packing_on(d.get("packing"), "sft", cfg.regime.name) else None
+    say(f"data: {d.path}: {len(train):,} training / {len(validation):,} validation instruction examples"
+        + dropped_note(stats))
+    if pack_to:
+        say(f"packing: several examples per row of up to {pack_to} tokens, attention inside each "
+            "(data.packing=false for one example per row)")
     return TaskData(ExampleSource(train, validation, tokenizer.pad_token_id, pack_to=pack_to), d.path,
                     n_train=len(train), n_validation=len(validation))
 
