@@ -80,11 +80,15 @@ def task_data(cfg: Any, objective: Objective, tokenizer: Any, config: Any, say: 
     """The training and validation data of `objective`, read as its row says (ftk/objectives/table.py)."""
     from ftk.objectives.table import facts as objective_facts
 
+    from ftk.data.packing import packing_on
+
     kind = objective_facts(objective).data
+    # decided once, here, for every objective: data.packing=true where packing cannot apply stops the run
+    pack = packing_on(cfg.data.get("packing"), getattr(objective, "value", objective), cfg.regime.name)
     if kind == "labelled":
         return _labelled_data(cfg, tokenizer, config, say, padding_side)
     if kind == "instructions":
-        return _sft_data(cfg, tokenizer, say)
+        return _sft_data(cfg, tokenizer, say, pack)
     if kind == "preferences":
         from ftk.preference_setup import preference_data
 
@@ -130,7 +134,7 @@ def _text_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
                     n_train=len(packed.train), n_validation=len(packed.validation))
 
 
-def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
+def _sft_data(cfg: Any, tokenizer: Any, say: Say, pack: bool) -> TaskData:
     import numpy as np
 
     from ftk.data.examples import ExampleSource
@@ -156,9 +160,7 @@ def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
         train = [e for i, e in enumerate(train) if i not in held]
     if not train:
         raise UsageError(f"{d.path}: no instruction record fits train.seq_len={cfg.train.seq_len}; raise it")
-    from ftk.data.packing import packing_on
-
-    pack_to = cfg.train.seq_len if packing_on(d.get("packing"), "sft", cfg.regime.name) else None
+    pack_to = cfg.train.seq_len if pack else None
     say(f"data: {d.path}: {len(train):,} training / {len(validation):,} validation instruction examples"
         + dropped_note(stats))
     if pack_to:
