@@ -67,19 +67,21 @@ class MatmulAttention(torch.autograd.Function):
 
 class SegmentAttention(torch.autograd.Function):
     """Causal attention inside each segment (row, start, end) of packed rows, nothing across them: the
-    block-diagonal causal mask without computing the blocks it masks. Rows' positions outside every segment
-    are not written (there are none: a row's padding is a segment of its own)."""
+    block-diagonal causal mask without computing the blocks it masks. Every position lies in one segment (a
+    row's padding is a segment of its own). Inputs are made contiguous once, so each segment's q, k, v are
+    plain strided views the matmuls read without copies; results are written into contiguous buffers."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, segments):
-        out = torch.empty_like(q)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         probs = []
         for row, start, end in segments:
             s = slice(start, end)
             scores = torch.matmul(q[row, :, s], k[row, :, s].transpose(-1, -2)).mul_(scale)
             scores.masked_fill_(_future(end - start, q.device), float("-inf"))
             p = torch.softmax(scores, dim=-1)
-            torch.matmul(p, v[row, :, s], out=out[row, :, s])
+            out[row, :, s] = torch.matmul(p, v[row, :, s])
             probs.append(p)
         ctx.save_for_backward(q, k, v, *probs)
         ctx.scale, ctx.segments = scale, segments
@@ -89,15 +91,15 @@ class SegmentAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, *probs = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        grad_q, grad_k, grad_v = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
         for (row, start, end), p in zip(ctx.segments, probs):
             s = slice(start, end)
             g = grad_out[row, :, s]
-            torch.matmul(p.transpose(-1, -2), g, out=grad_v[row, :, s])
+            grad_v[row, :, s] = torch.matmul(p.transpose(-1, -2), g)
             grad_p = torch.matmul(g, v[row, :, s].transpose(-1, -2))
             grad_scores = torch._softmax_backward_data(grad_p, p, -1, p.dtype).mul_(ctx.scale)
-            torch.matmul(grad_scores, k[row, :, s], out=grad_q[row, :, s])
-            torch.matmul(grad_scores.transpose(-1, -2), q[row, :, s], out=grad_k[row, :, s])
+            grad_q[row, :, s] = torch.matmul(grad_scores, k[row, :, s])
+            grad_k[row, :, s] = torch.matmul(grad_scores.transpose(-1, -2), q[row, :, s])
         return grad_q, grad_k, grad_v, None, None
 
 

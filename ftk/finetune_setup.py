@@ -80,11 +80,15 @@ def task_data(cfg: Any, objective: Objective, tokenizer: Any, config: Any, say: 
     """The training and validation data of `objective`, read as its row says (ftk/objectives/table.py)."""
     from ftk.objectives.table import facts as objective_facts
 
+    from ftk.data.packing import packing_on
+
     kind = objective_facts(objective).data
+    # decided once, here, for every objective: data.packing=true where packing cannot apply stops the run
+    pack = packing_on(cfg.data.get("packing"), getattr(objective, "value", objective), cfg.regime.name)
     if kind == "labelled":
         return _labelled_data(cfg, tokenizer, config, say, padding_side)
     if kind == "instructions":
-        return _sft_data(cfg, tokenizer, say)
+        return _sft_data(cfg, tokenizer, say, pack)
     if kind == "preferences":
         from ftk.preference_setup import preference_data
 
@@ -139,7 +143,7 @@ def hold_out(examples: List[Any], fraction: float, seed: int) -> Tuple[List[Any]
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
-def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
+def _sft_data(cfg: Any, tokenizer: Any, say: Say, pack: bool) -> TaskData:
     from ftk.data.examples import ExampleSource
     from ftk.data.instructions import dropped_note, load_instruction_examples
 
@@ -159,11 +163,12 @@ def _sft_data(cfg: Any, tokenizer: Any, say: Say) -> TaskData:
         train, validation = hold_out(train, d.validation_fraction, cfg.train.seed)
     if not train:
         raise UsageError(f"{d.path}: no instruction record fits train.seq_len={cfg.train.seq_len}; raise it")
+    pack_to = cfg.train.seq_len if pack else None
     say(f"data: {d.path}: {len(train):,} training / {len(validation):,} validation instruction examples"
         + dropped_note(stats))
-    from ftk.data.packing import packing_on
-
-    pack_to = cfg.train.seq_len if packing_on(d.get("packing"), "sft", cfg.regime.name) else None
+    if pack_to:
+        say(f"packing: several examples per row of up to {pack_to} tokens, attention inside each "
+            "(data.packing=false for one example per row)")
     return TaskData(ExampleSource(train, validation, tokenizer.pad_token_id, pack_to=pack_to), d.path,
                     n_train=len(train), n_validation=len(validation))
 

@@ -161,3 +161,42 @@ def test_packing_is_decided_in_one_place():
         packing_on(True, "classification", "full")
     with pytest.raises(UsageError, match="regime=prompt_tuning"):
         packing_on(True, "sft", "prompt_tuning")
+
+
+def test_finetune_sft_packed_has_the_padded_runs_losses_and_resumes_exactly(pretrained, tmp_path, capsys):
+    """`ftk finetune objective=sft`: packing is on by default and said so; its per-step losses are the padded
+    run's (the same examples per step, the same targets), its token counts are real tokens only, and a packed
+    run stopped and resumed continues with the uninterrupted run's losses."""
+    import json
+
+    from tests.conftest import ftk, make_labelled, write_jsonl
+
+    records = [{"instruction": f"Name the keyword of: {r['text']}", "input": "", "output": r["label"]}
+               for r in make_labelled(48, seed=3)]
+    data = write_jsonl(tmp_path / "sft.jsonl", records)
+    common = [f"model.name_or_path={pretrained['gpt']}", "objective=sft", "regime=full", "hardware=cpu",
+              "hardware.precision=fp32", "train.batch_size=8", "train.seq_len=64", "train.warmup_steps=2",
+              "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.eval_batches=2",
+              "train.lr=3e-3", f"data.path={data}"]
+
+    def losses(run):
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["loss"], r["tokens"]) for r in lines if "loss" in r}
+
+    def run(name, *args):
+        path = tmp_path / name
+        assert ftk("finetune", *common, *args, f"hydra.run.dir={path}") == 0
+        return path
+
+    packed = losses(run("packed", "train.max_steps=6", "train.save_every=3"))
+    assert "packing: several examples per row" in capsys.readouterr().err
+    padded = losses(run("padded", "train.max_steps=6", "data.packing=false"))
+    assert sorted(packed) == sorted(padded) == list(range(1, 7))
+    for step in packed:
+        assert packed[step][0] == pytest.approx(padded[step][0], rel=2e-3)  # fp32 matmuls at "high" precision
+        assert packed[step][1] == padded[step][1]  # real tokens only, padding not counted
+    checkpoint = tmp_path / "packed" / "checkpoints" / "step-0000003"
+    assert checkpoint.is_dir()
+    resumed = losses(run("resumed", "train.max_steps=6", f"train.resume={checkpoint}"))
+    for step in range(4, 7):
+        assert resumed[step][0] == pytest.approx(packed[step][0], rel=1e-6)

@@ -347,9 +347,10 @@ def _components(s: Shape, u: Setup) -> Estimate:
     fused = u.fused_head and not u.pairs and not (u.strategy == "fsdp" and u.devices > 1)
     if head.logits and fused:
         rows = min(head_chunk_rows(head.logits), picked)
-        logits = picked * h * (resid + 2 * low) + rows * head.logits * (4 + 2 * low)
+        # + a chunk's share of the head's weight gradient (vocab x hidden, 16-bit product and its float32 copy)
+        logits = picked * h * (resid + 2 * low) + rows * head.logits * (4 + 2 * low) + head.logits * h * (low + 4)
         details["logits"] = (f"fused head and loss: {picked:,} tokens x {h} hidden x {resid + 2 * low} B + one chunk "
-                             f"of {rows} x {head.logits:,} logits x {4 + 2 * low} B")
+                             f"of {rows} x {head.logits:,} logits x {4 + 2 * low} B + its head-gradient share")
     elif head.logits and causal:
         if cpu_loss:
             logits = 2 * n * head.logits * 4 + chunk
