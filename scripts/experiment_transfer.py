@@ -506,6 +506,15 @@ def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, f
                      f"{s['steps']:,} | {s['tokens_seen']:,} | {s['train_time_s'] / 60:.1f} | "
                      f"{s['final_eval_loss']:.3f} | {s['final_eval_ppl']:.1f} |")
     lines += ["", "(BERT's perplexity is over masked tokens only, GPT's over every next token: not comparable.)", ""]
+    # the time cap is a safety net sized for a quiet machine: on a busy one it cuts pretraining short, and every
+    # number downstream is then that of a less-trained model (and not reproducible: the cut depends on the load)
+    short = [f"{model} {s['steps']:,} of {mode.pretrain_steps[model]:,} steps" for model, run in pre_runs.items()
+             for s in [json.loads((run.parent / "summary.json").read_text())] if s["steps"] < mode.pretrain_steps[model]]
+    if short:
+        lines += [f"**Pretraining stopped at its time cap ({', '.join(short)}; cap "
+                  + ", ".join(f"{m} {v:g} min" for m, v in mode.pretrain_minutes.items())
+                  + "): the machine was slower than the cap allows for, so every result below is that of less-trained "
+                  "models than this mode's, and depends on the machine's load (not reproducible).**", ""]
     if mode.pretrain_extra:
         lines += ["Pretraining overrides of this mode: " + "; ".join(
             f"{model}: `{' '.join(extra)}`" for model, extra in mode.pretrain_extra.items()) + ".", ""]
