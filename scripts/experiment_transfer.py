@@ -232,8 +232,9 @@ class Runner:
         self.reused = 0  # finished runs of an earlier invocation, not run again (nor timed) by this one
         log.mkdir(parents=True, exist_ok=True)
 
-    def ftk(self, name: str, done: Path, *args: str) -> None:
-        if done.exists():
+    def ftk(self, name: str, done, *args: str) -> None:
+        """`done`: the file (or files: every seed of a sweep) a finished run leaves."""
+        if all(path.exists() for path in ([done] if isinstance(done, Path) else done)):
             self.reused += 1
             return
         threads = ["hardware.num_threads=1"] if self.jobs > 1 and args[0] in ("pretrain", "finetune", "evaluate") else []
@@ -261,6 +262,12 @@ class Runner:
 def seeds_sweep(seeds: int) -> List[str]:
     """One process per configuration, one Hydra job per seed (start-up paid once)."""
     return ["-m", "train.seed=" + ",".join(str(s) for s in range(seeds)), "hydra.sweep.subdir=seed${train.seed}"]
+
+
+def seeds_done(sweep: Path, seeds: int) -> List[Path]:
+    """Every seed's summary: Hydra goes on to the next seed when one is stopped (a SIGTERM from outside, say), so
+    the last seed's summary alone does not mean the sweep finished."""
+    return [sweep / f"seed{s}" / "summary.json" for s in range(seeds)]
 
 
 def summaries(sweep: Path, seeds: int) -> List[dict]:
@@ -378,7 +385,7 @@ def data_efficiency(runner: Runner, out: Path, tasks, bases, lrs, mode: Mode, ad
                     sweep = out / "runs" / "curves" / f"{task}-{model}-{arm}-n{labels or 'all'}"
                     cells[(task, model, budget, arm)] = sweep
                     calls.append((f"curve-{task}-{model}-{arm}-n{labels or 'all'}",
-                                  sweep / f"seed{mode.seeds - 1}" / "summary.json",
+                                  seeds_done(sweep, mode.seeds),
                                   *classify(tasks[task], base, "regime=full", f"train.lr={lr}",
                                             f"model.random_init={arm == 'scratch'}",
                                             f"data.train_examples={labels if labels else 'null'}",
@@ -398,7 +405,7 @@ def regimes(runner: Runner, out: Path, tasks, bases, wikitext: Path, mode: Mode)
     for i, regime in enumerate(REGIMES):
         sweep = out / "runs" / "regimes" / f"{i}-{regime}"
         where[regime] = sweep
-        calls.append((f"regime-{regime}", sweep / f"seed{mode.regime_seeds - 1}" / "summary.json",
+        calls.append((f"regime-{regime}", seeds_done(sweep, mode.regime_seeds),
                       *classify(tasks["sst2"], bases["gpt"], f"regime={regime}", *phases.get(regime, ()),
                                 *([f"train.lr={mode.regime_lrs[regime]}"] if regime in mode.regime_lrs else []),
                                 f"data.train_examples={mode.regime_budget}", f"train.max_steps={mode.regime_steps}",

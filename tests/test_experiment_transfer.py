@@ -145,3 +145,17 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path):
                            str(tmp_path), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "pass --data DIR" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_counts_as_finished_only_when_every_seed_is(tmp_path):
+    """Hydra goes on to the next seed when one is stopped (SIGTERM): the last seed's summary is not enough."""
+    runner = transfer.Runner(jobs=1, log=tmp_path / "logs")
+    sweep = tmp_path / "sweep"
+    (sweep / "seed1").mkdir(parents=True)
+    (sweep / "seed1" / "summary.json").write_text("{}")
+    runner.ftk("stopped-seed0", transfer.seeds_done(sweep, 2), "--help")  # seed0 missing: runs again
+    assert (tmp_path / "logs" / "stopped-seed0.log").exists() and runner.reused == 0
+    (sweep / "seed0").mkdir()
+    (sweep / "seed0" / "summary.json").write_text("{}")
+    runner.ftk("finished", transfer.seeds_done(sweep, 2), "--help")
+    assert not (tmp_path / "logs" / "finished.log").exists() and runner.reused == 1
