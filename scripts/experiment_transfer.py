@@ -515,8 +515,10 @@ def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, f
     lines += ["", "(BERT's perplexity is over masked tokens only, GPT's over every next token: not comparable.)", ""]
     # the time cap is a safety net sized for a quiet machine: on a busy one it cuts pretraining short, and every
     # number downstream is then that of a less-trained model (and not reproducible: the cut depends on the load)
-    short = [f"{model} {s['steps']:,} of {mode.pretrain_steps[model]:,} steps" for model, run in pre_runs.items()
-             for s in [json.loads((run.parent / "summary.json").read_text())] if s["steps"] < mode.pretrain_steps[model]]
+    done_steps = {model: json.loads((run.parent / "summary.json").read_text())["steps"]
+                  for model, run in pre_runs.items()}
+    short = [f"{model} {n:,} of {mode.pretrain_steps[model]:,} steps" for model, n in done_steps.items()
+             if n < mode.pretrain_steps[model]]
     if short:
         lines += [f"**Pretraining stopped at its time cap ({', '.join(short)}; cap "
                   + ", ".join(f"{m} {v:g} min" for m, v in mode.pretrain_minutes.items())
@@ -609,7 +611,8 @@ def adaptation_section(mode: Mode, adapted: Dict[tuple, Path], curves, budget_la
 
     lines = ["## Task-adaptive pretraining (continued pretraining on the task's unlabelled training texts)", "",
              "| task | model | objective | task texts | steps | epochs | lr | minutes | dev perplexity (task "
-             "texts) | adapted - scratch | adapted - pretrained |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "texts) | adapted - scratch | adapted - pretrained |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for (task, model), final in adapted.items():
         s = json.loads((final.parent / "summary.json").read_text())
         cfg = OmegaConf.load(final.parent / ".hydra" / "config.yaml")
