@@ -664,7 +664,7 @@ def plots(out: Path, mode: Mode, curves, regime_runs, tasks) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(task)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        ax.legend(fontsize=7)  # each panel its own: the adapted arm is only on some
     fig.suptitle(f"Pretrained vs random initialisation vs task-adapted (mean ± sd over {mode.seeds} seeds)",
                  fontsize=10)
     fig.tight_layout()
