@@ -14,14 +14,19 @@ One command, every step through the real `ftk` CLI (each run's folder is kept un
    books' first 85%, each for a fixed time budget; held-out perplexity on the tails.
 3. learning-rate search: full fine-tuning on SST-2 dev at one label budget, per model and per arm
    (pretrained / random initialisation), the same grid for both arms; the winner is used everywhere.
-4. data efficiency: full fine-tuning on SST-2, TREC and the book task at several label budgets, from the
-   pretrained model and from the same architecture and tokenizer re-initialised (`model.random_init=true`),
-   several seeds each (`data.train_examples` draws a seeded, class-stratified, nested sample); test accuracy.
-5. regimes: every regime on SST-2 at one budget with the GPT: trainable parameters, peak memory, wall
+4. task-adaptive pretraining (Gururangan et al. 2020): for the tasks outside the books' domain (SST-2,
+   TREC), each model whose learning curve is measured there continues its pretraining objective
+   (`ftk finetune objective=clm|mlm regime=full`) on ALL the task's training texts without their labels
+   (dev texts validate it; no test text is read), for a fraction of its pretraining steps.
+5. data efficiency: full fine-tuning on SST-2, TREC and the book task at several label budgets, from the
+   pretrained model, from the same architecture and tokenizer re-initialised (`model.random_init=true`)
+   and (SST-2, TREC) from the task-adapted model, several seeds each (`data.train_examples` draws a seeded,
+   class-stratified, nested sample); test accuracy.
+6. regimes: every regime on SST-2 at one budget with the GPT: trainable parameters, peak memory, wall
    time, test accuracy, forgetting (perplexity change on WikiText-2 valid).
-6. forgetting: full fine-tuning for many steps at a high and a low learning rate; the high rate with early
+7. forgetting: full fine-tuning for many steps at a high and a low learning rate; the high rate with early
    stopping, with replay of pretraining text, and with L2-SP.
-7. in-context learning: the pretrained GPT 0/1/8-shot on SST-2 test against its fine-tuned accuracy.
+8. in-context learning: the pretrained GPT 0/1/8-shot on SST-2 test against its fine-tuned accuracy.
 
 Output under --out: report.md (every number with its seed count: mean and standard deviation), and
 curves.png (accuracy vs labels) and regimes.png (accuracy vs forgetting). Finished runs are reused, so an
@@ -50,6 +55,8 @@ REGIMES = ("full", "feature_extraction", "lora", "qlora", "prompt_tuning", "free
            "head_then_full")
 PASSAGE_WORDS = 40
 SAMPLE_WORDS = 1500  # words of each held-out tail in the pretraining-domain perplexity sample
+ADAPTED_TASKS = ("sst2", "trec")  # far from the 19th-century books: the tasks task-adaptive pretraining is for
+ARMS = ("pretrained", "scratch", "adapted")
 
 
 @dataclass
@@ -79,6 +86,11 @@ class Mode:
     scaled_phases: bool = False              # gradual_unfreeze / head_then_full phases scaled to regime_steps
                                              # (their defaults, 50 and 100 steps, outlast a short run)
     regime_lrs: Dict[str, float] = field(default_factory=dict)  # a regime's lr instead of its default
+    # task-adaptive pretraining: steps per model (a fraction of its pretraining steps), at this share of its
+    # pretraining peak rate (continued pretraining starts from trained weights: Gururangan et al. continue
+    # RoBERTa at 1e-4, a sixth of its peak), with its pretraining batch and length
+    adapt_steps: Dict[str, int] = field(default_factory=dict)
+    adapt_lr_ratio: float = 0.5
     name: str = "full run"
 
 
@@ -86,7 +98,8 @@ FULL = Mode(pretrain_steps={"gpt": 900, "bert": 1500}, pretrain_minutes={"gpt": 
             budgets={"books": [5, 10, 20], "sst2": [50, 200, 1000, None], "trec": [50, 200, 1000, None]},
             curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
             lr_grid=[1e-4, 3e-4, 1e-3], lr_budget=200, regime_budget=1000, regime_steps=150, regime_seeds=2,
-            forgetting_steps=300, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=300)
+            forgetting_steps=300, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=300,
+            adapt_steps={"gpt": 300, "bert": 500})
 # Ten minutes cannot pretrain gpt-tiny far enough for transfer to show (70 steps: held-out perplexity 414, books
 # pretrained vs scratch +3 within noise); half the width (1.9M parameters, 1.1M of them the embeddings) reads
 # twice the tokens per second, on small batches (more updates) at a higher rate: perplexity 306 after 700 steps,
@@ -104,15 +117,17 @@ QUICK = Mode(pretrain_steps={"gpt": 700, "bert": 750}, pretrain_minutes={"gpt": 
              pretrain_extra={"gpt": SMALL + ["train.lr=3e-3"], "bert": SMALL + ["train.lr=1e-3"]},
              # 120 steps at 1e-4 leave a 1.9M model at chance whatever the regime
              scaled_phases=True, regime_lrs={r: 1e-3 for r in ("full", "freeze_layers", "gradual_unfreeze")},
-             name="--quick")
+             adapt_steps={"gpt": 250, "bert": 250}, name="--quick")
 # The wiring on made-up data in about two minutes (tests/test_experiment_transfer.py); its numbers mean nothing.
+# Its TREC curve is the GPT's, so that task-adaptive pretraining runs both objectives (mlm on SST-2, clm on TREC).
 SMOKE = Mode(pretrain_steps={"gpt": 4, "bert": 4}, pretrain_minutes={"gpt": 2, "bert": 2}, seeds=2,
              budgets={"books": [2], "sst2": [8], "trec": [None]},
-             curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["bert"]},
+             curve_models={"books": ["bert", "gpt"], "sst2": ["bert"], "trec": ["gpt"]},
              lr_grid=[1e-3, 3e-4], lr_budget=8, regime_budget=8, regime_steps=2, regime_seeds=1,
              forgetting_steps=4, forgetting_lrs={"high": 1e-3, "low": 1e-4}, icl_test=4, step_cap=2,
-             pretrain_extra={"gpt": SMALL + ["train.lr=3e-3"]}, eval_cap={"dev": 10, "test": 10}, scaled_phases=True,
-             regime_lrs={"full": 1e-3}, name="--smoke")
+             # 20 dev texts: enough tokens for one validation block of task-adaptive pretraining
+             pretrain_extra={"gpt": SMALL + ["train.lr=3e-3"]}, eval_cap={"dev": 20, "test": 10}, scaled_phases=True,
+             regime_lrs={"full": 1e-3}, adapt_steps={"gpt": 2, "bert": 2}, name="--smoke")
 
 
 def steps_for(labels: int, mode: Mode) -> int:
@@ -217,8 +232,9 @@ class Runner:
         self.reused = 0  # finished runs of an earlier invocation, not run again (nor timed) by this one
         log.mkdir(parents=True, exist_ok=True)
 
-    def ftk(self, name: str, done: Path, *args: str) -> None:
-        if done.exists():
+    def ftk(self, name: str, done, *args: str) -> None:
+        """`done`: the file (or files: every seed of a sweep) a finished run leaves."""
+        if all(path.exists() for path in ([done] if isinstance(done, Path) else done)):
             self.reused += 1
             return
         threads = ["hardware.num_threads=1"] if self.jobs > 1 and args[0] in ("pretrain", "finetune", "evaluate") else []
@@ -246,6 +262,12 @@ class Runner:
 def seeds_sweep(seeds: int) -> List[str]:
     """One process per configuration, one Hydra job per seed (start-up paid once)."""
     return ["-m", "train.seed=" + ",".join(str(s) for s in range(seeds)), "hydra.sweep.subdir=seed${train.seed}"]
+
+
+def seeds_done(sweep: Path, seeds: int) -> List[Path]:
+    """Every seed's summary: Hydra goes on to the next seed when one is stopped (a SIGTERM from outside, say), so
+    the last seed's summary alone does not mean the sweep finished."""
+    return [sweep / f"seed{s}" / "summary.json" for s in range(seeds)]
 
 
 def summaries(sweep: Path, seeds: int) -> List[dict]:
@@ -306,7 +328,47 @@ def lr_search(runner: Runner, out: Path, tasks, bases, mode: Mode) -> Dict[str, 
     return chosen, rows
 
 
-def data_efficiency(runner: Runner, out: Path, tasks, bases, lrs, mode: Mode) -> dict:
+def task_texts(task: Dict[str, Path], split: str) -> Path:
+    """A split's texts without their labels, one document each (jsonl: ftk packs them with the model's
+    separator between texts, as in pretraining; a .txt file would be one document)."""
+    path = task[split].with_name(task[split].stem + "-texts.jsonl")
+    path.write_text("".join(json.dumps({"text": json.loads(line)["text"]}) + "\n" for line in task[split].open()))
+    return path
+
+
+def adapted_pairs(mode: Mode) -> List[tuple]:
+    """(task, model) of every learning curve outside the pretraining domain: what gets adapted."""
+    return [(task, model) for task in ADAPTED_TASKS for model in mode.curve_models.get(task, [])]
+
+
+def adapt(runner: Runner, out: Path, tasks, bases, mode: Mode) -> Dict[tuple, Path]:
+    """Task-adaptive pretraining: each model continues its own pretraining objective on all of a task's
+    training texts (unlabelled; the labelled budgets are samples of them), validated on the task's dev texts,
+    with its pretraining batch and length, at `adapt_lr_ratio` of its pretraining rate. The tokenizer is the
+    pretrained model's own (ftk loads it from model.name_or_path)."""
+    from omegaconf import OmegaConf
+
+    calls, where = [], {}
+    for task, model in adapted_pairs(mode):
+        pretrained = OmegaConf.load(bases[model].parent / ".hydra" / "config.yaml").train
+        steps = mode.adapt_steps[model]
+        run = out / "runs" / "adapt" / f"{task}-{model}"
+        where[(task, model)] = run
+        calls.append((f"adapt-{task}-{model}", run / "summary.json", "finetune",
+                      f"objective={'clm' if model == 'gpt' else 'mlm'}", "regime=full",
+                      f"model.name_or_path={bases[model]}", f"data.path={task_texts(tasks[task], 'train')}",
+                      f"data.validation_path={task_texts(tasks[task], 'dev')}", f"train.max_steps={steps}",
+                      f"train.lr={pretrained.lr * mode.adapt_lr_ratio:g}", f"train.batch_size={pretrained.batch_size}",
+                      f"train.seq_len={pretrained.seq_len}", f"train.beta2={pretrained.beta2}",
+                      f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_every={max(1, steps // 4)}",
+                      "train.save_every=0", f"hydra.run.dir={run}"))
+    runner.all(calls)
+    return {pair: run / "final" for pair, run in where.items()}
+
+
+def data_efficiency(runner: Runner, out: Path, tasks, bases, lrs, mode: Mode, adapted: Dict[tuple, Path]) -> dict:
+    """Each curve point from the pretrained model, from random initialisation and (tasks outside the books'
+    domain) from the task-adapted model; the adapted arm at the pretrained arm's learning rate."""
     calls, cells = [], {}
     classes = {name: len({json.loads(line)["label"] for line in paths["train"].open()})
                for name, paths in tasks.items()}
@@ -315,12 +377,16 @@ def data_efficiency(runner: Runner, out: Path, tasks, bases, lrs, mode: Mode) ->
             for budget in mode.budgets[task]:
                 labels = budget * classes[task] if task == "books" and budget else budget
                 n = labels or count(tasks[task]["train"])
-                for arm in ("pretrained", "scratch"):
+                for arm in ARMS:
+                    if arm == "adapted" and (task, model) not in adapted:
+                        continue
+                    base = adapted[(task, model)] if arm == "adapted" else bases[model]
+                    lr = lrs[f"{model}-{'scratch' if arm == 'scratch' else 'pretrained'}"]
                     sweep = out / "runs" / "curves" / f"{task}-{model}-{arm}-n{labels or 'all'}"
                     cells[(task, model, budget, arm)] = sweep
                     calls.append((f"curve-{task}-{model}-{arm}-n{labels or 'all'}",
-                                  sweep / f"seed{mode.seeds - 1}" / "summary.json",
-                                  *classify(tasks[task], bases[model], "regime=full", f"train.lr={lrs[f'{model}-{arm}']}",
+                                  seeds_done(sweep, mode.seeds),
+                                  *classify(tasks[task], base, "regime=full", f"train.lr={lr}",
                                             f"model.random_init={arm == 'scratch'}",
                                             f"data.train_examples={labels if labels else 'null'}",
                                             f"train.max_steps={steps_for(n, mode)}"),
@@ -339,7 +405,7 @@ def regimes(runner: Runner, out: Path, tasks, bases, wikitext: Path, mode: Mode)
     for i, regime in enumerate(REGIMES):
         sweep = out / "runs" / "regimes" / f"{i}-{regime}"
         where[regime] = sweep
-        calls.append((f"regime-{regime}", sweep / f"seed{mode.regime_seeds - 1}" / "summary.json",
+        calls.append((f"regime-{regime}", seeds_done(sweep, mode.regime_seeds),
                       *classify(tasks["sst2"], bases["gpt"], f"regime={regime}", *phases.get(regime, ()),
                                 *([f"train.lr={mode.regime_lrs[regime]}"] if regime in mode.regime_lrs else []),
                                 f"data.train_examples={mode.regime_budget}", f"train.max_steps={mode.regime_steps}",
@@ -430,7 +496,7 @@ def verdict(pre: Sequence[float], scratch: Sequence[float]) -> str:
 
 
 def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, forget, books_ppl, icl_result,
-           tasks, minutes: float, reused: int = 0) -> str:
+           tasks, minutes: float, reused: int = 0, adapted: Optional[Dict[tuple, Path]] = None) -> str:
     flag = "" if mode is FULL else f" {mode.name}"
     lines = [f"# Transfer experiment ({mode.name})", "",
              f"`python scripts/experiment_transfer.py{flag} --out {out}`; "
@@ -447,6 +513,17 @@ def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, f
                      f"{s['steps']:,} | {s['tokens_seen']:,} | {s['train_time_s'] / 60:.1f} | "
                      f"{s['final_eval_loss']:.3f} | {s['final_eval_ppl']:.1f} |")
     lines += ["", "(BERT's perplexity is over masked tokens only, GPT's over every next token: not comparable.)", ""]
+    # the time cap is a safety net sized for a quiet machine: on a busy one it cuts pretraining short, and every
+    # number downstream is then that of a less-trained model (and not reproducible: the cut depends on the load)
+    done_steps = {model: json.loads((run.parent / "summary.json").read_text())["steps"]
+                  for model, run in pre_runs.items()}
+    short = [f"{model} {n:,} of {mode.pretrain_steps[model]:,} steps" for model, n in done_steps.items()
+             if n < mode.pretrain_steps[model]]
+    if short:
+        lines += [f"**Pretraining stopped at its time cap ({', '.join(short)}; cap "
+                  + ", ".join(f"{m} {v:g} min" for m, v in mode.pretrain_minutes.items())
+                  + "): the machine was slower than the cap allows for, so every result below is that of less-trained "
+                  "models than this mode's, and depends on the machine's load (not reproducible).**", ""]
     if mode.pretrain_extra:
         lines += ["Pretraining overrides of this mode: " + "; ".join(
             f"{model}: `{' '.join(extra)}`" for model, extra in mode.pretrain_extra.items()) + ".", ""]
@@ -461,22 +538,33 @@ def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, f
     else:
         lines += [f"Learning rate: {mode.lr_grid[0]:g} for both arms ({mode.name} skips the search).", ""]
     skipped = json.loads((out / "data" / "books-skipped.json").read_text())
-    lines += ["## Data efficiency: pretrained vs random initialisation (full fine-tuning, test accuracy)", "",
-              "| task | model | labels | pretrained | scratch | difference ± s.e. |", "|---|---|---:|---:|---:|---:|"]
+    lines += ["## Data efficiency: pretrained vs random initialisation vs task-adapted (full fine-tuning, test "
+              "accuracy)", "",
+              "| task | model | labels | pretrained | scratch | adapted | pretrained - scratch ± s.e. | "
+              "adapted - scratch ± s.e. |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     classes = {name: len({json.loads(line)["label"] for line in paths["train"].open()}) for name, paths in tasks.items()}
+
+    def budget_label(task: str, budget: Optional[int]) -> str:
+        return ("all" if budget is None else f"{budget * classes[task]} ({budget}/class)" if task == "books"
+                else str(budget))
+
     for task, models in mode.curve_models.items():
         for model in models:
             for budget in mode.budgets[task]:
                 pre, scr = curves[(task, model, budget, "pretrained")], curves[(task, model, budget, "scratch")]
-                label = ("all" if budget is None else f"{budget * classes[task]} ({budget}/class)" if task == "books"
-                         else str(budget))
-                lines.append(f"| {task} | {model} | {label} | {pm(pre)} | {pm(scr)} | {verdict(pre, scr)} |")
+                ada = curves.get((task, model, budget, "adapted"))
+                lines.append(f"| {task} | {model} | {budget_label(task, budget)} | {pm(pre)} | {pm(scr)} | "
+                             f"{pm(ada) if ada else '-'} | {verdict(pre, scr)} | {verdict(ada, scr) if ada else '-'} |")
     size = {name: f"{classes[name]} classes, train {count(paths['train']):,}, dev {count(paths['dev']):,}, test "
                   f"{count(paths['test']):,}" for name, paths in tasks.items()}
     lines += ["", f"Tasks: sst2 ({size['sst2']}), trec (coarse; {size['trec']}), books (which Gutenberg book a "
               f"{PASSAGE_WORDS}-word passage from the held-out tails comes from; {size['books']}; chance "
               f"{100 / classes['books']:.1f}%; too short a tail for the task: {', '.join(skipped) or 'none'}). "
-              "Label budgets are seeded, class-stratified, nested samples (data.train_examples).", ""]
+              "Label budgets are seeded, class-stratified, nested samples (data.train_examples). The adapted arm "
+              "(tasks outside the books' domain) fine-tunes the task-adapted model (next section) at the pretrained "
+              "arm's learning rate.", ""]
+    if adapted:
+        lines += adaptation_section(mode, adapted, curves, budget_label, tasks)
     rates = "each regime's default learning rate" + (" except " + ", ".join(
         f"{r} {lr:g}" for r, lr in mode.regime_lrs.items()) if mode.regime_lrs else "")
     lines += [f"## Regimes (GPT, SST-2, {mode.regime_budget} labels, {mode.regime_steps} steps, {rates})", "",
@@ -517,6 +605,36 @@ def report(out: Path, mode: Mode, pre_runs, lr_rows, lrs, curves, regime_runs, f
     return text
 
 
+def adaptation_section(mode: Mode, adapted: Dict[tuple, Path], curves, budget_label, tasks) -> List[str]:
+    """What task-adaptive pretraining cost (its own run's minutes) beside what it gained at each budget."""
+    from omegaconf import OmegaConf
+
+    lines = ["## Task-adaptive pretraining (continued pretraining on the task's unlabelled training texts)", "",
+             "| task | model | objective | task texts | steps | epochs | lr | minutes | dev perplexity (task "
+             "texts) | adapted - scratch | adapted - pretrained |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for (task, model), final in adapted.items():
+        s = json.loads((final.parent / "summary.json").read_text())
+        cfg = OmegaConf.load(final.parent / ".hydra" / "config.yaml")
+        gains = [(budget_label(task, b), curves[(task, model, b, "adapted")], curves[(task, model, b, "scratch")],
+                  curves[(task, model, b, "pretrained")]) for b in mode.budgets[task]]
+        lines.append(f"| {task} | {model} | {cfg.objective.name} | {count(tasks[task]['train']):,} | "
+                     f"{s['steps']:,} | {s['steps'] * cfg.train.batch_size / s['train_examples']:.1f} | "
+                     f"{cfg.train.lr:g} | {s['train_time_s'] / 60:.1f} ({s['wall_time_s'] / 60:.1f}) | "
+                     f"{s['final_eval_ppl']:.1f} | "
+                     + "; ".join(f"{label}: {verdict(a, scr)}" for label, a, scr, _ in gains) + " | "
+                     + "; ".join(f"{label}: {verdict(a, pre)}" for label, a, _, pre in gains) + " |")
+    steps = ", ".join(f"{model} {mode.adapt_steps[model]} of {mode.pretrain_steps[model]}"
+                      for model in sorted({model for _, model in adapted}))
+    lines += ["", f"Every training text of the task, labels dropped (the labelled budgets are samples of the same "
+              f"texts; Gururangan et al. 2020's task-adaptive setting), dev texts for validation, no test text. Steps "
+              f"(adaptation of pretraining): {steps}; the pretraining batch and length, at {mode.adapt_lr_ratio:g} "
+              "of the pretraining peak rate. Epochs: passes over the task's texts packed into blocks. Minutes: the "
+              "adaptation's training time (in brackets, its whole run: start-up, packing, validation), paid once per "
+              "task and model whatever the label budget.", ""]
+    return lines
+
+
 def plots(out: Path, mode: Mode, curves, regime_runs, tasks) -> None:
     import matplotlib
 
@@ -527,7 +645,9 @@ def plots(out: Path, mode: Mode, curves, regime_runs, tasks) -> None:
     fig, axes = plt.subplots(1, len(mode.curve_models), figsize=(4.2 * len(mode.curve_models), 3.6))
     for ax, (task, models) in zip(axes, mode.curve_models.items()):
         for model in models:
-            for arm, style in (("pretrained", "-"), ("scratch", "--")):
+            for arm, style in (("pretrained", "-"), ("scratch", "--"), ("adapted", ":")):
+                if (task, model, mode.budgets[task][0], arm) not in curves:
+                    continue  # adapted: only the tasks outside the books' domain
                 xs, ms, sds = [], [], []
                 for budget in mode.budgets[task]:
                     values = curves[(task, model, budget, arm)]
@@ -544,8 +664,9 @@ def plots(out: Path, mode: Mode, curves, regime_runs, tasks) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(task)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Pretrained vs random initialisation (mean ± sd over {mode.seeds} seeds)", fontsize=10)
+        ax.legend(fontsize=7)  # each panel its own: the adapted arm is only on some
+    fig.suptitle(f"Pretrained vs random initialisation vs task-adapted (mean ± sd over {mode.seeds} seeds)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
 
@@ -594,8 +715,10 @@ def main() -> int:
     bases = pretrain(runner, out, tasks["books"], mode)
     stage("learning-rate search")
     lrs, lr_rows = lr_search(runner, out, tasks, bases, mode)
+    stage(f"task-adaptive pretraining ({', '.join(f'{m} on {t}' for t, m in adapted_pairs(mode))})")
+    adapted = adapt(runner, out, tasks, bases, mode)
     stage(f"data efficiency ({', '.join(mode.curve_models)}; {mode.seeds} seeds)")
-    curves = data_efficiency(runner, out, tasks, bases, lrs, mode)
+    curves = data_efficiency(runner, out, tasks, bases, lrs, mode, adapted)
     wikitext = args.data / "wikitext-2" / "valid.txt"
     stage("regimes")
     regime_runs = regimes(runner, out, tasks, bases, wikitext, mode)
@@ -604,7 +727,7 @@ def main() -> int:
     stage("perplexity on the held-out books; in-context learning")
     books_ppl, icl_result = evaluations(runner, out, tasks, bases, forget, mode)
     text = report(out, mode, bases, lr_rows, lrs, curves, regime_runs, forget, books_ppl, icl_result, tasks,
-                  (time.time() - started) / 60, runner.reused)
+                  (time.time() - started) / 60, runner.reused, adapted)
     plots(out, mode, curves, regime_runs, tasks)
     print(text)
     stage(f"done: {out / 'report.md'}, {out / 'curves.png'}, {out / 'regimes.png'}")

@@ -101,12 +101,30 @@ def test_smoke_runs_every_stage_to_a_report(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (out / "report.md").read_text()
-    for section in ("## Pretraining", "## Learning rate", "## Data efficiency", "## Regimes", "## Forgetting",
-                    "## In-context learning"):
+    for section in ("## Pretraining", "## Learning rate", "## Data efficiency", "## Task-adaptive pretraining",
+                    "## Regimes", "## Forgetting", "## In-context learning"):
         assert section in report
     for regime in transfer.REGIMES:
         assert f"| {regime} |" in report
-    assert report.count("(n=2)") >= 8  # pretrained and scratch cells of every curve point, two seeds each
+    # pretrained and scratch cells of every curve point, two seeds each, and the adapted cells of SST-2 and TREC
+    assert report.count("(n=2)") >= 10
+    # task-adaptive pretraining: each model on its own objective and tokenizer, from its pretrained weights, on
+    # every training text of the task and none of its dev (validation only) or test texts, then fine-tuned
+    for task, model, objective in (("sst2", "bert", "mlm"), ("trec", "gpt", "clm")):
+        run = out / "runs" / "adapt" / f"{task}-{model}"
+        overrides = (run / ".hydra" / "overrides.yaml").read_text()
+        pretrained = out / "runs" / f"pretrain-{model}" / "final"
+        assert f"objective={objective}" in overrides and f"model.name_or_path={pretrained}" in overrides
+        texts = [json.loads(line)["text"] for line in (out / "data" / f"{task}-train-texts.jsonl").open()]
+        labelled = [json.loads(line) for line in (out / "data" / f"{task}-train.jsonl").open()]
+        assert texts == [r["text"] for r in labelled]
+        held = {json.loads(line)["text"] for split in ("dev", "test")
+                for line in (out / "data" / f"{task}-{split}.jsonl").open()}
+        assert not held & set(texts)
+        assert (run / "final" / "tokenizer.json").read_text() == (pretrained / "tokenizer.json").read_text()
+        curve = out / "runs" / "curves" / f"{task}-{model}-adapted-n{'8' if task == 'sst2' else 'all'}" / "seed0"
+        assert str(run / "final") in (curve / ".hydra" / "overrides.yaml").read_text()
+    assert "| sst2 | bert | mlm | 60 |" in report and "| trec | gpt | clm | 40 |" in report
     assert (out / "curves.png").stat().st_size > 10_000 and (out / "regimes.png").stat().st_size > 10_000
     # the mode's knobs reach the runs: the small pretraining shape, capped evaluation sets, scaled phases, rates
     overrides = (out / "runs" / "pretrain-gpt" / ".hydra" / "overrides.yaml").read_text()
@@ -127,3 +145,17 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path):
                            str(tmp_path), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "pass --data DIR" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_counts_as_finished_only_when_every_seed_is(tmp_path):
+    """Hydra goes on to the next seed when one is stopped (SIGTERM): the last seed's summary is not enough."""
+    runner = transfer.Runner(jobs=1, log=tmp_path / "logs")
+    sweep = tmp_path / "sweep"
+    (sweep / "seed1").mkdir(parents=True)
+    (sweep / "seed1" / "summary.json").write_text("{}")
+    runner.ftk("stopped-seed0", transfer.seeds_done(sweep, 2), "--help")  # seed0 missing: runs again
+    assert (tmp_path / "logs" / "stopped-seed0.log").exists() and runner.reused == 0
+    (sweep / "seed0").mkdir()
+    (sweep / "seed0" / "summary.json").write_text("{}")
+    runner.ftk("finished", transfer.seeds_done(sweep, 2), "--help")
+    assert not (tmp_path / "logs" / "finished.log").exists() and runner.reused == 1
