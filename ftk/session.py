@@ -197,6 +197,15 @@ def _mixed_precision(precision: str) -> Any:
                                 reduce_dtype=torch.float32)
 
 
+def refuse_unsupported(cfg: Any) -> None:
+    """The distribution strategy's refusals (FSDP1, what the sharded loop does not do yet), before any data or
+    model is read: recipes call this first, `start` checks again."""
+    plan = hardware.resolve(cfg.hardware, cfg.train.batch_size, cfg.train.max_steps)
+    _, plugin, _ = _fsdp(plan)
+    if plugin is not None:
+        _check_fsdp_fits(cfg)
+
+
 def _check_fsdp_fits(cfg: Any) -> None:
     """What the sharded loop does not do yet, refused before anything is loaded. (Regimes that unfreeze
     during training do work: FSDP2 re-reads requires_grad each time it gathers a block.)"""

@@ -67,6 +67,7 @@ def finetune(cfg: DictConfig) -> dict:
     # no collective waits on it, so NCCL's timeout cannot kill the other ranks of a job with a large dataset.
     from ftk.lm_setup import first_rank_say
 
+    sessions.refuse_unsupported(cfg)  # e.g. FSDP with prompt tuning: before reading data or the model
     early_say = first_rank_say()
     early_say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
     early_say(f"base model: {base} ({chosen})" + ("; weights re-initialised (model.random_init=true)"

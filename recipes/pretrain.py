@@ -46,6 +46,7 @@ def pretrain(cfg: DictConfig) -> dict:
     run_claim.adopt_config(run_dir)  # every check passed: this config is now the run's
     # The data is prepared before the process group exists: one process per cache location tokenizes while the
     # others poll its lock file, so no collective (and no NCCL timeout) waits on a long preparation.
+    sessions.refuse_unsupported(cfg)  # e.g. FSDP with prompt tuning: before reading data or the model
     early_say = lm_setup.first_rank_say()
     early_say(f"run: {run_dir}")  # where metrics.jsonl, checkpoints/ and final/ go: known from the first second
     data_started = time.time()
