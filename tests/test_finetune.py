@@ -145,13 +145,13 @@ def test_adapter_regimes_save_only_the_adapter_and_head(regime, expect, pretrain
 
 
 def test_lora_learns_the_task(pretrained, task, tmp_path):
-    run = finetune(tmp_path, pretrained["gpt"], "regime=lora", "train.lr=5e-3", "train.max_steps=60",
+    run = finetune(tmp_path, pretrained["gpt"], "regime=lora", "train.lr=5e-3", "train.max_steps=90",
                    "train.eval_every=30", *task)
     assert summary(run)["final_eval_accuracy"] >= 0.7  # chance is 1/3
 
 
 def test_bert_classification_with_lora_and_full(pretrained, task, tmp_path):
-    run = finetune(tmp_path, pretrained["bert"], "regime=full", "train.lr=1e-3", "train.max_steps=80",
+    run = finetune(tmp_path, pretrained["bert"], "regime=full", "train.lr=1e-3", "train.max_steps=160",
                    "train.eval_every=40", *task,
                    name="full")
     assert summary(run)["final_eval_accuracy"] >= 0.8
