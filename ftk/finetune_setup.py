@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ftk import runs
 from ftk.errors import UsageError, first_line
@@ -143,6 +143,20 @@ def hold_out(examples: List[Any], fraction: float, seed: int) -> Tuple[List[Any]
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+def train_and_validation(load: Callable[[str, Optional[str]], Tuple[List[Any], Dict[str, Any]]], d: Any,
+                         seed: int) -> Tuple[List[Any], List[Any], Dict[str, Any]]:
+    """(training, validation, stats) examples of data.path (at most data.max_documents): the validation ones
+    from data.validation_path, or a held-out share of the training file. `load(path, split)` reads one file."""
+    train, stats = load(d.path, d.split)
+    if d.max_documents:
+        train = train[: d.max_documents]
+    if d.validation_path:
+        validation, _ = load(d.validation_path, d.validation_split or d.split)
+    else:
+        train, validation = hold_out(train, d.validation_fraction, seed)
+    return train, validation, stats
+
+
 def _sft_data(cfg: Any, tokenizer: Any, say: Say, pack: bool) -> TaskData:
     from ftk.data.examples import ExampleSource
     from ftk.data.instructions import dropped_note, load_instruction_examples
@@ -153,14 +167,9 @@ def _sft_data(cfg: Any, tokenizer: Any, say: Say, pack: bool) -> TaskData:
                          "input, output records>")
     columns = dict(instruction_column=d.instruction_column, input_column=d.input_column,
                    response_column=d.response_column, hub_config=d.hub_config)
-    train, stats = load_instruction_examples(d.path, tokenizer, cfg.train.seq_len, split=d.split, **columns)
-    if d.max_documents:
-        train = train[: d.max_documents]
-    if d.validation_path:
-        validation, _ = load_instruction_examples(d.validation_path, tokenizer, cfg.train.seq_len,
-                                                  split=d.validation_split or d.split, **columns)
-    else:
-        train, validation = hold_out(train, d.validation_fraction, cfg.train.seed)
+    train, validation, stats = train_and_validation(
+        lambda path, split: load_instruction_examples(path, tokenizer, cfg.train.seq_len, split=split, **columns),
+        d, cfg.train.seed)
     if not train:
         raise UsageError(f"{d.path}: no instruction record fits train.seq_len={cfg.train.seq_len}; raise it")
     pack_to = cfg.train.seq_len if pack else None

@@ -40,16 +40,10 @@ def preference_data(cfg: Any, objective: Any, tokenizer: Any, config: Any, say: 
     columns = dict(prompt_column=d.prompt_column, chosen_column=d.chosen_column,
                    rejected_column=d.rejected_column, margin_column=d.margin_column, end_with_eos=end_with_eos,
                    hub_config=d.hub_config, purpose=f"objective={row.name}")
-    train, stats = load_pairs(d.path, tokenizer, cfg.train.seq_len, split=d.split, **columns)
-    if d.max_documents:
-        train = train[: d.max_documents]
-    if d.validation_path:
-        validation, _ = load_pairs(d.validation_path, tokenizer, cfg.train.seq_len,
-                                   split=d.validation_split or d.split, **columns)
-    else:
-        from ftk.finetune_setup import hold_out
+    from ftk.finetune_setup import train_and_validation
 
-        train, validation = hold_out(train, d.validation_fraction, cfg.train.seed)
+    train, validation, stats = train_and_validation(
+        lambda path, split: load_pairs(path, tokenizer, cfg.train.seq_len, split=split, **columns), d, cfg.train.seed)
     if not train:
         raise UsageError(f"{d.path}: {stats['pairs']} pair(s) leave none for training once "
                          f"{len(validation)} are held out for validation; give more pairs or data.validation_path")
