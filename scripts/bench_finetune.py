@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from bench_throughput import trainer_clock  # scripts/ (a script's own folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -150,26 +152,6 @@ def _ftk_train(job, model, objective, source, batch, seq_len) -> Dict[int, Dict[
     return {r["step"]: r for r in result.history if "loss" in r}
 
 
-def _trainer_clock():
-    from transformers import TrainerCallback
-
-    times: Dict[int, float] = {}
-    losses: Dict[int, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            times[0] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times[state.global_step] = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses[state.global_step] = float(logs["loss"])
-
-    return Clock(), times, losses
-
-
 def _trainer_args(job, out_dir, batch, **extra):
     return dict(output_dir=str(out_dir), max_steps=job["steps"] + job["warmup"], per_device_train_batch_size=batch,
                 gradient_accumulation_steps=1, learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"],
@@ -216,7 +198,7 @@ def sft_run(job: Dict[str, Any]) -> Dict[str, Any]:
         "input_ids": [examples[i].input_ids for i in flat],
         "labels": [examples[i].token_labels for i in flat]})  # -100 on the prompt: completion-only loss
     model.config.use_cache = False
-    clock, times, losses = _trainer_clock()
+    clock, times, losses = trainer_clock()
     out_dir = Path(tempfile.mkdtemp(prefix="trl-run-", dir=work))
     try:
         args = SFTConfig(**_trainer_args(job, out_dir, batch), padding_free=True, max_length=None,
@@ -279,7 +261,7 @@ def memory_run(job: Dict[str, Any]) -> Dict[str, Any]:
             ids = torch.from_numpy(blocks[order[i]])
             return {"input_ids": ids, "labels": ids.clone()}
 
-    clock, times, losses = _trainer_clock()
+    clock, times, losses = trainer_clock()
     out_dir = Path(tempfile.mkdtemp(prefix="trainer-run-", dir=job["work"]))
     try:
         args = TrainingArguments(**_trainer_args(job, out_dir, batch), label_names=["labels"],

@@ -321,24 +321,10 @@ def _ftk_run(job: Dict[str, Any], model) -> Dict[str, Any]:
             "final_eval_loss": result.final_eval.get("eval_loss")}
 
 
-def _trainer_run(job: Dict[str, Any], model) -> Dict[str, Any]:
-    import numpy as np
-    import torch
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-
-    shape = Shape(**job["shape"])
-    steps = job["warmup"] + job["steps"]
-    work = Path(job["work"])
-    blocks = np.load(work / "train.npy")
-    order = _stream_order(len(blocks), steps, shape.batch, job["seed"])
-
-    class Blocks(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(order)
-
-        def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-            ids = torch.from_numpy(blocks[order[i]].astype(np.int64))
-            return {"input_ids": ids, "labels": ids.clone()}
+def trainer_clock():
+    """A Trainer callback recording the time at the start and after every step, and the loss it logs, by step:
+    (callback, times, losses). Also used by scripts/bench_finetune.py."""
+    from transformers import TrainerCallback
 
     times: Dict[int, float] = {}
     losses: Dict[int, float] = {}
@@ -354,6 +340,29 @@ def _trainer_run(job: Dict[str, Any], model) -> Dict[str, Any]:
             if logs and "loss" in logs:
                 losses[state.global_step] = float(logs["loss"])
 
+    return Clock(), times, losses
+
+
+def _trainer_run(job: Dict[str, Any], model) -> Dict[str, Any]:
+    import numpy as np
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    shape = Shape(**job["shape"])
+    steps = job["warmup"] + job["steps"]
+    work = Path(job["work"])
+    blocks = np.load(work / "train.npy")
+    order = _stream_order(len(blocks), steps, shape.batch, job["seed"])
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(order)
+
+        def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+            ids = torch.from_numpy(blocks[order[i]].astype(np.int64))
+            return {"input_ids": ids, "labels": ids.clone()}
+
+    clock, times, losses = trainer_clock()
     out_dir = Path(tempfile.mkdtemp(prefix="trainer-run-", dir=work))
     args = TrainingArguments(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=shape.batch,
@@ -365,7 +374,7 @@ def _trainer_run(job: Dict[str, Any], model) -> Dict[str, Any]:
         use_cpu=True, seed=job["seed"], disable_tqdm=True, train_sampling_strategy="sequential",
         label_names=["labels"], remove_unused_columns=False)
     try:
-        trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Clock()])
+        trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[clock])
         trainer.remove_callback(PrinterCallback)
         # The Trainer divides the summed loss by num_items_in_batch. It counts labels[..., 1:] only when it
         # recognises a causal-LM loss (`_loss_shifts_labels`, from model.loss_type); for GPT-2 in some
